@@ -1,0 +1,1 @@
+"""Build-time discovery: endpoint.toml, user functions, endpoint.lock."""
