@@ -4,6 +4,7 @@ The names here are the authoring API; everything an endpoint module needs import
 package root (errors from :mod:`gen_worker.errors`).
 """
 
+from gen_worker._version import __version__
 from gen_worker.authoring import (
     Asset,
     DestinationRepo,
@@ -16,8 +17,6 @@ from gen_worker.authoring import (
     Tensors,
     worker_function,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Asset",

@@ -123,7 +123,7 @@ def _stream_item(hint: object, label: str) -> type[msgspec.Struct]:
         )
     # Generator[S, send, ret] / AsyncGenerator[S, send]: the worker never sends a value in and
     # drops a return value, so anything but None would be silently lost.
-    if any(extra is not type(None) for extra in args[1:]):
+    if any(extra not in (None, type(None)) for extra in args[1:]):
         raise DefinitionError(
             f"{label}: streaming generators must be Generator[{_name(item)}, None, None] or "
             f"AsyncGenerator[{_name(item)}, None]; the worker neither sends values in nor "

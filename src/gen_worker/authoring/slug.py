@@ -1,4 +1,7 @@
-"""URL-safe slugs for endpoint and function names (``medasr_transcribe`` -> ``medasr-transcribe``)."""
+"""URL-safe slugs for endpoint and function names.
+
+``medasr_transcribe`` becomes ``medasr-transcribe``.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The gen-worker example endpoint."""

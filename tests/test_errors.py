@@ -1,0 +1,78 @@
+"""The error tree: one root, wire meaning as data."""
+
+from __future__ import annotations
+
+import pytest
+
+from gen_worker import errors
+from gen_worker.errors import (
+    AuthError,
+    CanceledError,
+    DefinitionError,
+    EndpointConfigError,
+    FatalError,
+    GenWorkerError,
+    InvalidModelRefError,
+    OutputTooLargeError,
+    ResourceError,
+    RetryableError,
+    ValidationError,
+)
+
+
+@pytest.mark.parametrize(
+    ("cls", "error_type", "retryable"),
+    [
+        (ValidationError, "validation", False),
+        (RetryableError, "retryable", True),
+        (ResourceError, "resource", True),
+        (CanceledError, "canceled", False),
+        (AuthError, "auth", False),
+        (FatalError, "fatal", False),
+        (DefinitionError, "definition", False),
+        (GenWorkerError, "internal", False),
+    ],
+)
+def test_wire_meaning_is_class_data(
+    cls: type[GenWorkerError], error_type: str, retryable: bool
+) -> None:
+    err = cls("model refs/with/slashes stay readable")
+    assert isinstance(err, GenWorkerError)
+    assert (cls.error_type, cls.retryable) == (error_type, retryable)
+    assert (err.error_type, err.retryable) == (error_type, retryable)
+    assert err.safe_message == "model refs/with/slashes stay readable"
+
+
+def test_output_too_large_carries_sizes() -> None:
+    err = OutputTooLargeError(2048, 1024)
+    assert (err.size_bytes, err.max_bytes) == (2048, 1024)
+    assert err.error_type == "output_too_large" and not err.retryable
+    assert "2048 bytes, above the limit of 1024 bytes" in err.safe_message
+
+
+def test_invalid_ref_is_a_validation_error_and_a_value_error() -> None:
+    err = InvalidModelRefError("a/b/c", "more than one '/'")
+    assert isinstance(err, ValidationError) and isinstance(err, ValueError)
+    assert (err.ref, err.rule) == ("a/b/c", "more than one '/'")
+    assert str(err) == "invalid model ref 'a/b/c': more than one '/'"
+
+
+def test_endpoint_config_error_names_file_and_key() -> None:
+    err = EndpointConfigError("/p/endpoint.toml", "models.x.ref", "bad; use y")
+    assert isinstance(err, DefinitionError)
+    assert str(err) == "/p/endpoint.toml: models.x.ref: bad; use y"
+    assert (
+        str(EndpointConfigError("/p/endpoint.toml", "", "unreadable"))
+        == "/p/endpoint.toml: unreadable"
+    )
+
+
+def test_every_public_error_is_under_the_one_root() -> None:
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), GenWorkerError), name
+
+
+def test_the_tree_in_the_docstring_lists_every_class() -> None:
+    doc = errors.__doc__ or ""
+    for name in errors.__all__:
+        assert name in doc, name
