@@ -237,7 +237,9 @@ def test_failing_scenarios(scenario: str, cls: type[DefinitionError], fragments:
 
 
 def test_missing_endpoint_toml(tmp_path: Path) -> None:
-    with pytest.raises(EndpointConfigError, match=r"endpoint\.toml: file not found; create endpoint\.toml"):
+    with pytest.raises(
+        EndpointConfigError, match=r"endpoint\.toml: file not found; create endpoint\.toml"
+    ):
         discover(tmp_path, isolated=True)
 
 
