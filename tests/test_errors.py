@@ -7,7 +7,9 @@ import pytest
 from gen_worker import errors
 from gen_worker.errors import (
     AuthError,
+    BusyError,
     CanceledError,
+    ConfigError,
     DefinitionError,
     EndpointConfigError,
     FatalError,
@@ -30,6 +32,7 @@ from gen_worker.errors import (
         (AuthError, "auth", False),
         (FatalError, "fatal", False),
         (DefinitionError, "definition", False),
+        (BusyError, "busy", True),
         (GenWorkerError, "internal", False),
     ],
 )
@@ -76,3 +79,10 @@ def test_the_tree_in_the_docstring_lists_every_class() -> None:
     doc = errors.__doc__ or ""
     for name in errors.__all__:
         assert name in doc, name
+
+
+def test_config_error_names_the_variable() -> None:
+    err = ConfigError("WORKER_MAX_CONCURRENCY", "'x' is not an integer; use a whole number >= 1")
+    assert isinstance(err, FatalError)
+    assert err.variable == "WORKER_MAX_CONCURRENCY"
+    assert str(err) == "WORKER_MAX_CONCURRENCY: 'x' is not an integer; use a whole number >= 1"

@@ -24,7 +24,9 @@ ROOT_API = [
 
 ERRORS_API = [
     "AuthError",
+    "BusyError",
     "CanceledError",
+    "ConfigError",
     "DefinitionError",
     "EndpointConfigError",
     "FatalError",

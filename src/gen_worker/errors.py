@@ -13,7 +13,9 @@ message::
     ├── CanceledError              canceled           no    the run was canceled
     ├── AuthError                  auth               no    permission denied
     ├── FatalError                 fatal              no    unrecoverable
+    │   └── ConfigError            fatal              no    a setting (env variable) is malformed
     ├── OutputTooLargeError        output_too_large   no    output above the byte limit
+    ├── BusyError                  busy               yes   the queue of waiting requests is full
     └── DefinitionError            definition         no    the endpoint itself is wrong
         └── EndpointConfigError    definition         no    endpoint.toml is wrong
 
@@ -31,7 +33,9 @@ from typing import ClassVar
 
 __all__ = [
     "AuthError",
+    "BusyError",
     "CanceledError",
+    "ConfigError",
     "DefinitionError",
     "EndpointConfigError",
     "FatalError",
@@ -104,6 +108,21 @@ class FatalError(GenWorkerError):
     """An unrecoverable failure; retrying the same request will not help."""
 
     error_type = "fatal"
+
+
+class ConfigError(FatalError):
+    """A setting is missing or malformed; the message names the variable and what is valid."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        self.variable = variable
+        super().__init__(f"{variable}: {problem}")
+
+
+class BusyError(GenWorkerError):
+    """Every slot is taken and the queue of waiting requests is full; try again later."""
+
+    error_type = "busy"
+    retryable = True
 
 
 class OutputTooLargeError(GenWorkerError):

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from gen_worker.authoring.types import Asset, Tensors
 from gen_worker.errors import CanceledError, FatalError
 
-__all__ = ["ContextHooks", "OutputSink", "OutputStream", "RequestContext"]
+__all__ = ["CheckpointStream", "ContextHooks", "OutputSink", "OutputStream", "RequestContext"]
 
 
 class OutputStream(Protocol):
@@ -35,6 +35,40 @@ class OutputSink(Protocol):
     def save_file(self, ref: str, local_path: Path) -> Asset: ...
     def open_stream(self, ref: str) -> OutputStream: ...
     def save_checkpoint(self, ref: str, local_path: Path, format: str) -> Tensors: ...
+    def save_checkpoint_bytes(self, ref: str, data: bytes, format: str) -> Tensors: ...
+
+
+class CheckpointStream:
+    """An output stream whose ``finalize()`` describes a weight artifact (:class:`Tensors`)."""
+
+    def __init__(self, stream: OutputStream, format: str) -> None:
+        self._stream = stream
+        self._format = format
+
+    def write(self, data: bytes) -> int:
+        return self._stream.write(data)
+
+    def finalize(self) -> Tensors:
+        asset = self._stream.finalize()
+        return Tensors(
+            ref=asset.ref or "",
+            format=self._format,
+            size_bytes=asset.size_bytes,
+            sha256=asset.sha256,
+            blake3=asset.blake3,
+        )
+
+    def abort(self) -> None:
+        self._stream.abort()
+
+    def __enter__(self) -> CheckpointStream:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
 
 
 def _drop_event(event_type: str, payload: dict[str, Any]) -> None:
@@ -174,6 +208,14 @@ class RequestContext:
     ) -> Tensors:
         """Persist a weight artifact (conversion and training functions)."""
         return self._sink().save_checkpoint(ref, Path(local_path), format)
+
+    def save_checkpoint_bytes(self, ref: str, data: bytes, format: str = "safetensors") -> Tensors:
+        """Persist in-memory weight bytes as an artifact."""
+        return self._sink().save_checkpoint_bytes(ref, data, format)
+
+    def open_checkpoint_stream(self, ref: str, format: str = "safetensors") -> CheckpointStream:
+        """Open an incremental writer for a weight artifact."""
+        return CheckpointStream(self._sink().open_stream(ref), format)
 
     # -- batching hints -----------------------------------------------------------------
 

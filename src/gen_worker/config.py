@@ -1,0 +1,106 @@
+"""Settings from the environment: the only module that reads ``os.environ``.
+
+Each reader returns one frozen object that is passed down explicitly. A malformed value is a
+:class:`~gen_worker.errors.ConfigError` naming the variable and what would be valid, raised at
+startup rather than at the first request that needs it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import msgspec
+
+from gen_worker.errors import ConfigError
+
+__all__ = ["EngineSettings", "RunnerSettings", "load_engine_settings", "load_runner_settings"]
+
+T = TypeVar("T")
+
+MIB = 1024 * 1024
+
+
+class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Limits and warning thresholds of the execution engine (seed README variables)."""
+
+    #: WORKER_MAX_CONCURRENCY; None means the endpoint's max_inflight_requests, else 1.
+    max_concurrency: int | None = None
+    #: WORKER_MAX_INPUT_BYTES / WORKER_MAX_OUTPUT_BYTES / WORKER_MAX_UPLOAD_BYTES; None: no limit.
+    max_input_bytes: int | None = None
+    max_output_bytes: int | None = None
+    max_upload_bytes: int | None = None
+    #: WORKER_MAX_INPUT_FILE_BYTES: the size limit of one downloaded input Asset.
+    max_input_file_bytes: int = 200 * MIB
+    warn_model_resolve_s: float = 30.0
+    warn_model_load_s: float = 60.0
+    warn_inference_s: float = 60.0
+
+
+class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Defaults of the dev HTTP runner's command-line options."""
+
+    listen: str = "127.0.0.1:8081"
+    manifest_path: str = "/app/.tensorhub/endpoint.lock"
+    endpoint_root: str = "/app"
+    output_dir: str = "/outputs"
+
+
+def _positive_int(variable: str, text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        problem = f"{text!r} is not an integer; use a whole number >= 1"
+        raise ConfigError(variable, problem) from None
+    if value < 1:
+        raise ConfigError(variable, f"{value} is not valid; use a whole number >= 1")
+    return value
+
+
+def _positive_float(variable: str, text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ConfigError(variable, f"{text!r} is not a number; use seconds > 0, e.g. 30") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(variable, f"{text!r} is not valid; use a finite number > 0")
+    return value
+
+
+def _read(env: Mapping[str, str], variable: str, parse: Callable[[str, str], T]) -> T | None:
+    text = env.get(variable)
+    if text is None or not text.strip():
+        return None
+    return parse(variable, text)
+
+
+def load_engine_settings(environ: Mapping[str, str] | None = None) -> EngineSettings:
+    """Read the engine's variables; unset ones keep the documented defaults."""
+    env = os.environ if environ is None else environ
+    defaults = EngineSettings()
+    values = {
+        "max_concurrency": _read(env, "WORKER_MAX_CONCURRENCY", _positive_int),
+        "max_input_bytes": _read(env, "WORKER_MAX_INPUT_BYTES", _positive_int),
+        "max_output_bytes": _read(env, "WORKER_MAX_OUTPUT_BYTES", _positive_int),
+        "max_upload_bytes": _read(env, "WORKER_MAX_UPLOAD_BYTES", _positive_int),
+        "max_input_file_bytes": _read(env, "WORKER_MAX_INPUT_FILE_BYTES", _positive_int),
+        "warn_model_resolve_s": _read(env, "WORKER_WARN_MODEL_RESOLVE_S", _positive_float),
+        "warn_model_load_s": _read(env, "WORKER_WARN_MODEL_LOAD_S", _positive_float),
+        "warn_inference_s": _read(env, "WORKER_WARN_INFERENCE_S", _positive_float),
+    }
+    given = {k: v for k, v in values.items() if v is not None}
+    return msgspec.structs.replace(defaults, **given)
+
+
+def load_runner_settings(environ: Mapping[str, str] | None = None) -> RunnerSettings:
+    """Defaults for the dev runner from GEN_WORKER_* variables (flags override them)."""
+    env = os.environ if environ is None else environ
+    names = {
+        "listen": "GEN_WORKER_HTTP_LISTEN",
+        "manifest_path": "GEN_WORKER_MANIFEST_PATH",
+        "endpoint_root": "GEN_WORKER_ENDPOINT_ROOT",
+        "output_dir": "GEN_WORKER_OUTPUT_DIR",
+    }
+    given = {field: env[var] for field, var in names.items() if env.get(var, "").strip()}
+    return msgspec.structs.replace(RunnerSettings(), **given)
