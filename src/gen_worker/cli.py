@@ -12,7 +12,18 @@ from gen_worker._version import __version__
 __all__ = ["main"]
 
 
+def _serve(argv: Sequence[str]) -> int:
+    # Imported here so `gen-worker discover` (image build time) never loads the web stack.
+    from gen_worker.testing import http_runner  # noqa: PLC0415
+
+    return http_runner.main(argv, prog="gen-worker serve")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["serve"]:
+        # The dev runner owns its options (and its --help); hand them over untouched.
+        return _serve(args_list[1:])
     parser = argparse.ArgumentParser(prog="gen-worker", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gen-worker {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -21,7 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     discover_command.add_arguments(discover_parser)
     discover_parser.set_defaults(handler=discover_command.run)
-    args = parser.parse_args(argv)
+    commands.add_parser(
+        "serve", help="run the functions locally over HTTP (see: gen-worker serve --help)"
+    )
+    args = parser.parse_args(args_list)
     code: int = args.handler(args)
     return code
 

@@ -130,12 +130,19 @@ class OutputTooLargeError(GenWorkerError):
 
     error_type = "output_too_large"
 
-    def __init__(self, size_bytes: int, max_bytes: int) -> None:
+    def __init__(
+        self, size_bytes: int, max_bytes: int, setting: str = "WORKER_MAX_OUTPUT_BYTES"
+    ) -> None:
         self.size_bytes = size_bytes
         self.max_bytes = max_bytes
+        self.setting = setting
+        hint = (
+            "; return less data or save large data with ctx.save_bytes"
+            if setting == "WORKER_MAX_OUTPUT_BYTES"
+            else ""
+        )
         super().__init__(
-            f"output is {size_bytes} bytes, above the limit of {max_bytes} bytes "
-            "(WORKER_MAX_OUTPUT_BYTES); return less data or save large data with ctx.save_bytes"
+            f"output is {size_bytes} bytes, above the limit of {max_bytes} bytes ({setting}){hint}"
         )
 
 

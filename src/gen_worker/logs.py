@@ -14,13 +14,14 @@ REDACTED = "[REDACTED]"
 
 _PATTERNS = [
     # JWTs: three base64url segments, the first starting with a JSON object header.
-    re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}"),
+    re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
     # Bearer / Basic credentials in headers or messages.
     re.compile(r"(?i)(\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}"),
-    # key=value secrets, in query strings and in text.
+    # key=value, key: value and "key": "value" secrets: query strings, headers, JSON.
     re.compile(
         r"(?i)(\b(?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|"
-        r"access_token|api_key|apikey|password|secret|authorization)=)[^&\s\"']+"
+        r"access_token|refresh_token|api_key|apikey|password|secret|authorization)"
+        r"[\"']?\s*[=:]\s*[\"']?)(?!\[REDACTED\]|bearer\b|basic\b)[^&\s\"',}]+"
     ),
 ]
 

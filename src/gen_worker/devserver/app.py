@@ -174,9 +174,11 @@ class DevRunner:
         try:
             async for outcome in run.channel:
                 if isinstance(outcome, Result | Failure):
-                    status, body = invoke_response(run.request_id, outcome, [], streaming=True)
+                    status, body = invoke_response(
+                        run.request_id, outcome, [], streaming=run.spec.is_streaming
+                    )
                     kind = "result" if isinstance(outcome, Result) else "error"
-                    data = {**msgspec.to_builtins(body), "status": status}
+                    data = {**msgspec.structs.asdict(body), "status": status}
                     del data["events"]
                     yield sse(kind, data, outcome.seq)
                 else:

@@ -8,6 +8,7 @@ beyond the queue bound must be told at once that the worker is busy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 
 from gen_worker.errors import BusyError
@@ -57,7 +58,9 @@ class FifoSlots:
                 # The slot was handed to us just as we were canceled: pass it on.
                 self.release()
             else:
-                self._waiters.remove(waiter)
+                # release() may already have dropped our cancelled future from the line.
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
             raise
 
     def release(self) -> None:

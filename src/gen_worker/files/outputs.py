@@ -138,7 +138,7 @@ class LocalOutputSink:
 
     def _check_size(self, size: int) -> None:
         if self._max_bytes is not None and size > self._max_bytes:
-            raise OutputTooLargeError(size, self._max_bytes)
+            raise OutputTooLargeError(size, self._max_bytes, "WORKER_MAX_UPLOAD_BYTES")
 
     def _target(self, ref: str) -> tuple[str, Path]:
         """The full ref and the real path it is written to, with its directory created."""
@@ -166,7 +166,9 @@ class LocalOutputSink:
     def _new_writer(self, final: Path) -> HashingWriter:
         max_bytes = self._max_bytes
         return HashingWriter(
-            final, max_bytes=max_bytes, too_large=lambda n: OutputTooLargeError(n, max_bytes or 0)
+            final,
+            max_bytes=max_bytes,
+            too_large=lambda n: OutputTooLargeError(n, max_bytes or 0, "WORKER_MAX_UPLOAD_BYTES"),
         )
 
     def _write(self, full: str, final: Path, chunks: Iterable[bytes]) -> Digest:

@@ -150,8 +150,10 @@ async def arun_function(
     meta = RequestMeta(
         request_id=request_id or f"test-{uuid.uuid4().hex[:12]}", timeout_ms=timeout_ms
     )
-    outcomes = [o async for o in engine.run(spec, data, meta)]
-    await engine.shutdown(grace_s=0)
+    try:
+        outcomes = [o async for o in engine.run(spec, data, meta)]
+    finally:
+        await engine.shutdown(grace_s=0)
     return _collect(spec, outcomes)
 
 

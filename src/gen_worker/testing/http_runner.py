@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -26,11 +27,14 @@ import uvicorn
 from gen_worker.config import EngineSettings, load_engine_settings, load_runner_settings
 from gen_worker.devserver import DevRunner
 from gen_worker.discovery.endpoint import LoadedEndpoint, load_from_lock, load_from_project
-from gen_worker.engine import Engine, LocalModels, resolve_concurrency
+from gen_worker.engine import DEFAULT_CANCEL_GRACE_S, Engine, LocalModels, resolve_concurrency
 from gen_worker.errors import GenWorkerError
 from gen_worker.files import AssetFetcher, LocalOutputSink
 
-__all__ = ["add_arguments", "build_runner", "main", "parse_listen", "run"]
+__all__ = ["SHUTDOWN_GRACE_S", "add_arguments", "build_runner", "main", "parse_listen", "run"]
+
+#: How long running requests may go on after SIGINT/SIGTERM before they are canceled.
+SHUTDOWN_GRACE_S = 5.0
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -118,6 +122,7 @@ def build_runner(
     settings: EngineSettings | None = None,
     model_dirs: dict[str, Path] | None = None,
     max_queue: int | None = 100,
+    cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
 ) -> DevRunner:
     """A dev runner over a fresh engine for ``endpoint``, writing outputs under ``outputs``."""
     settings = settings or load_engine_settings()
@@ -137,6 +142,7 @@ def build_runner(
         settings=settings,
         concurrency=resolve_concurrency(settings, lock.resources.get("max_inflight_requests")),
         max_waiting=max_queue,
+        cancel_grace_s=cancel_grace_s,
         models=models,
         outputs=lambda rid: LocalOutputSink(outputs, rid, max_upload_bytes=upload_limit),
         # Local development: inputs may come from this machine, and refs name earlier outputs.
@@ -147,14 +153,36 @@ def build_runner(
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, minus re-raising the signal after a graceful stop (that printed a traceback)."""
+    """uvicorn with the runner's own ordered stop on SIGINT/SIGTERM.
+
+    First signal: refuse new requests, give running ones the grace period, cancel the rest
+    (their callers get a ``canceled`` answer), then stop the server. A second signal exits at
+    once with status 1. uvicorn's own handling would cancel in-flight handlers mid-response (a
+    traceback per request) and re-raise the signal afterwards.
+    """
+
+    def __init__(self, config: uvicorn.Config, runner: DevRunner, grace_s: float) -> None:
+        super().__init__(config)
+        self._runner = runner
+        self._grace_s = grace_s
+        self._draining: asyncio.Task[None] | None = None
+
+    async def _drain(self) -> None:
+        self._runner.stopping = True
+        await self._runner.engine.shutdown(grace_s=self._grace_s)
+        self.should_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
+        loop = asyncio.get_running_loop()
+
         def stop(signum: int, frame: FrameType | None) -> None:
-            if self.should_exit:
-                self.force_exit = True  # second signal: stop at once
-            self.should_exit = True
+            if self._draining is not None:
+                # Second signal: the user wants out now. Outputs are written atomically, so
+                # nothing is left half-written; in-flight callers see their connection close.
+                print("second signal: stopping at once", file=sys.stderr, flush=True)
+                os._exit(1)
+            loop.call_soon_threadsafe(self._start_drain)
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -163,6 +191,10 @@ class _Server(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _start_drain(self) -> None:
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain())
+
 
 async def _serve(runner: DevRunner, host: str, port: int, log_level: str) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -170,9 +202,14 @@ async def _serve(runner: DevRunner, host: str, port: int, log_level: str) -> Non
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(runner.app, log_level=log_level, timeout_graceful_shutdown=5,
-                            lifespan="on", access_log=log_level in ("debug", "info"))  # fmt: skip
-    server = _Server(config)
+    config = uvicorn.Config(
+        runner.app,
+        log_level=log_level,
+        timeout_graceful_shutdown=3,
+        lifespan="on",
+        access_log=log_level in ("debug", "info"),
+    )
+    server = _Server(config, runner, grace_s=SHUTDOWN_GRACE_S)
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     url = f"http://{shown}:{bound}"
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -204,9 +241,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gen_worker.testing.http_runner",
+        prog=prog or "python -m gen_worker.testing.http_runner",
         description="Run an endpoint's functions locally over HTTP (the dev runner).",
     )
     add_arguments(parser)

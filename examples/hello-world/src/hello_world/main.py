@@ -1,4 +1,4 @@
-"""Four small worker functions that show the authoring API end to end."""
+"""Small worker functions that show the authoring API end to end."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import msgspec
 
-from gen_worker import ModelRef, ModelRefSource, RequestContext, worker_function
+from gen_worker import Asset, ModelRef, ModelRefSource, RequestContext, worker_function
 from gen_worker.errors import ValidationError
 
 
@@ -27,6 +27,25 @@ def hello(ctx: RequestContext, payload: HelloInput) -> HelloOutput:
     if not payload.name.strip():
         raise ValidationError("name must not be empty")
     return HelloOutput(message=f"Hello, {payload.name}!")
+
+
+class GenerateInput(msgspec.Struct):
+    prompt: str
+
+
+class GenerateOutput(msgspec.Struct):
+    caption: str
+    image: Asset
+
+
+@worker_function()
+def generate(ctx: RequestContext, payload: GenerateInput) -> GenerateOutput:
+    """Saves an output file (a tiny PPM image whose colour comes from the prompt)."""
+    ctx.progress(0.5, stage="render")
+    shade = sum(payload.prompt.encode()) % 256
+    pixels = bytes([shade, 255 - shade, 128]) * (8 * 8)
+    image = ctx.save_bytes("image.ppm", b"P6 8 8 255\n" + pixels)
+    return GenerateOutput(caption=f"an 8x8 image for {payload.prompt!r}", image=image)
 
 
 class StreamInput(msgspec.Struct):

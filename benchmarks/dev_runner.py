@@ -1,0 +1,275 @@
+"""Throughput and latency of a no-op function through the dev runner, against the floor.
+
+The floor is a bare Starlette app on uvicorn (same settings: log level warning, no access log,
+lifespan on, one process) whose one route reads the body, decodes it with msgspec and answers
+the same-shaped JSON. The runner serves a sync (``noop``) and an async (``anoop``) no-op; the
+ratio runner/bare of requests per second is what gen-worker costs per request. Rows alternate
+(bare, sync, async) so machine noise hits all alike. Run: `uv run python benchmarks/dev_runner.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from _load import LoadResult, run_load
+
+TARGET = 0.85
+BODY = b'{"x": 7}'
+
+ENDPOINT_TOML = 'schema_version = 1\nname = "bench"\nmain = "bench_noop"\n'
+
+BENCH_NOOP = '''\
+"""No-op functions for benchmarks/dev_runner.py."""
+
+import msgspec
+
+from gen_worker import RequestContext, worker_function
+
+
+class In(msgspec.Struct):
+    x: int = 0
+
+
+class Out(msgspec.Struct):
+    x: int
+
+
+@worker_function()
+def noop(ctx: RequestContext, payload: In) -> Out:
+    return Out(x=payload.x)
+
+
+@worker_function()
+async def anoop(ctx: RequestContext, payload: In) -> Out:
+    return Out(x=payload.x)
+'''
+
+BARE_APP = '''\
+"""The floor: Starlette on uvicorn, one route, msgspec in and out."""
+
+import asyncio
+import socket
+import uuid
+
+import msgspec
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+
+
+class In(msgspec.Struct):
+    x: int = 0
+
+
+class Out(msgspec.Struct):
+    x: int
+
+
+class Answer(msgspec.Struct):
+    request_id: str
+    success: bool
+    output: Out
+    error_type: str | None = None
+    safe_message: str | None = None
+    error_message: str | None = None
+    events: list = []
+    timing_ms: dict = {}
+
+
+decoder = msgspec.json.Decoder(In)
+
+
+async def noop(request):
+    payload = decoder.decode(await request.body())
+    answer = Answer(uuid.uuid4().hex, True, Out(x=payload.x))
+    return Response(msgspec.json.encode(answer), media_type="application/json")
+
+
+async def serve():
+    app = Starlette(routes=[Route("/v1/request/noop", noop, methods=["POST"])])
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
+    # and without it every answer (head and body written apart) waits on delayed ACKs.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if server.started:
+        print(f"listening on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    await task
+
+
+asyncio.run(serve())
+'''
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    server: str  # key into the running servers
+    path: str
+
+
+TARGETS = (
+    Target("bare starlette", "bare", "/v1/request/noop"),
+    Target("runner noop (sync)", "runner", "/v1/request/noop"),
+    Target("runner anoop (async)", "runner", "/v1/request/anoop"),
+)
+
+
+# -- servers ----------------------------------------------------------------------------------
+
+
+def write_files(root: Path) -> None:
+    project = root / "project"
+    project.mkdir()
+    (project / "endpoint.toml").write_text(ENDPOINT_TOML)
+    (project / "bench_noop.py").write_text(BENCH_NOOP)
+    (root / "bare_app.py").write_text(BARE_APP)
+
+
+def wait_for_url(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """The URL from the server's ``listening on URL`` line."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        line = proc.stdout.readline() if ready else ""
+        if line.startswith("listening on "):
+            return line.removeprefix("listening on ").strip()
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise SystemExit(f"server {proc.args} did not start (exit code {proc.poll()})")
+
+
+def start(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+    return proc, wait_for_url(proc)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def server_commands(root: Path) -> dict[str, list[str]]:
+    runner = [sys.executable, "-m", "gen_worker.testing.http_runner", "--listen", "127.0.0.1:0"]
+    runner += ["--outputs", str(root / "outputs"), "--project", str(root / "project")]
+    return {"bare": [sys.executable, str(root / "bare_app.py")], "runner": runner}
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    concurrency: int
+    target: Target
+    rps: float
+    p50: float
+    p99: float
+    errors: int
+
+
+def measure(urls: dict[str, str], args: argparse.Namespace) -> list[Row]:
+    """Every (concurrency, target) ``args.rounds`` times, alternating targets; medians."""
+    runs: dict[tuple[int, Target], list[LoadResult]] = {}
+    for _ in range(args.rounds):
+        for c in args.concurrency:
+            for target in TARGETS:
+                result = run_load(urls[target.server], target.path, BODY, concurrency=c,
+                                  warmup=args.warmup, seconds=args.seconds)  # fmt: skip
+                runs.setdefault((c, target), []).append(result)
+    return [summarize(c, target, results) for (c, target), results in runs.items()]
+
+
+def summarize(c: int, target: Target, results: list[LoadResult]) -> Row:
+    return Row(
+        c,
+        target,
+        statistics.median(r.rps for r in results),
+        statistics.median(r.ms(0.50) for r in results),
+        statistics.median(r.ms(0.99) for r in results),
+        sum(r.errors for r in results),
+    )
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def print_table(rows: list[Row], args: argparse.Namespace) -> None:
+    print(
+        f"dev runner vs bare Starlette/uvicorn: {args.seconds:g} s per row after {args.warmup:g} s "
+        f"warm-up, median of {args.rounds} round(s); target runner/bare >= {TARGET:.2f}x"
+    )
+    print(
+        f"note: this machine has {os.cpu_count()} cores shared by the load generator and the "
+        "server, so absolute numbers are low; the ratios are what matter.\n"
+    )
+    header = f"{'conc':>4}  {'target':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}"
+    print(header + "  verdict")
+    print("-" * (len(header) + 14))
+    bare = {r.concurrency: r.rps for r in rows if r.target is TARGETS[0]}
+    for r in rows:
+        ratio = r.rps / bare[r.concurrency]
+        verdict = "floor" if r.target is TARGETS[0] else verdict_for(ratio)
+        errors = f"  ({r.errors} non-200 answers)" if r.errors else ""
+        print(
+            f"{r.concurrency:>4}  {r.target.name:<22}{r.rps:>9.0f}{r.p50:>9.2f}{r.p99:>9.2f}"
+            f"{ratio:>8.2f}x  {verdict}{errors}"
+        )
+
+
+def verdict_for(ratio: float) -> str:
+    return "PASS" if ratio >= TARGET else "BELOW TARGET"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured time per row")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured time per row")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat; report the median")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="gen-worker-bench-") as tmp:
+        root = Path(tmp)
+        write_files(root)
+        procs: dict[str, subprocess.Popen[str]] = {}
+        urls: dict[str, str] = {}
+        try:
+            for key, argv in server_commands(root).items():
+                procs[key], urls[key] = start(argv)
+            rows = measure(urls, args)
+        finally:
+            for proc in procs.values():
+                stop(proc)
+    print_table(rows, args)
+
+
+if __name__ == "__main__":
+    main()
