@@ -360,3 +360,30 @@ def test_openapi_functions_status_health(client: httpx.Client) -> None:
     assert status["endpoint"] == "runner-scenarios" and status["concurrency"] == 2
     page = client.get("/docs")
     assert page.status_code == 200 and "<h2>chatty</h2>" in page.text
+
+
+def test_models_from_local_folders(tmp_path: Path) -> None:
+    tok, small = tmp_path / "tok", tmp_path / "small"
+    for folder, name in ((tok, "vocab.json"), (small, "model.safetensors")):
+        folder.mkdir()
+        (folder / name).write_text("{}")
+    example = Path(__file__).resolve().parents[1] / "examples" / "hello-world"
+    dirs = {"tokenizer": tok, "gen-worker/tiny-lm:v1": small}
+    with (
+        serve(tmp_path / "out", project=example, model_dirs=dirs) as served,
+        httpx.Client(base_url=served.base_url, timeout=30) as c,
+    ):
+        ok = post(c, "describe-models", {})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["output"] == {
+            "tokenizer_files": ["vocab.json"],
+            "model_files": ["model.safetensors"],
+        }
+        job = next(e for e in ok.json()["events"] if e["type"] == "metrics.job")
+        assert job["payload"]["cache_state"] == "warm_disk"
+        unknown = post(c, "describe-models", {"model": "someone/else"})
+        assert unknown.status_code == 400
+        assert "choose one of ['large', 'small']" in unknown.json()["safe_message"]
+        absent = post(c, "describe-models", {"model": "large"})
+        assert absent.status_code == 500
+        assert "gen-worker/tiny-lm:v2 is not available" in absent.json()["safe_message"]

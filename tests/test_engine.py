@@ -30,6 +30,8 @@ from gen_worker.engine import (
     Engine,
     Event,
     Failure,
+    InProcessModels,
+    LocalModels,
     Log,
     Outcome,
     Progress,
@@ -436,3 +438,63 @@ def test_outputs_go_to_the_sink(tmp_path: Path) -> None:
     )
     assert isinstance(failure, Failure) and failure.error_type == "validation"
     assert not (tmp_path / "escape.txt").exists()
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def test_models_are_resolved_loaded_and_reported() -> None:
+    from fixtures.functions import uses_models
+
+    pipe, tok = object(), object()
+    uses_models.SEEN.clear()
+    models = InProcessModels(fixed={"tok": tok}, selectable={"paint": {"a": pipe, "b": object()}})
+    outcomes = once(uses_models.paint, b'{"model": "a"}', engine_kwargs={"models": models})
+    assert isinstance(terminal(outcomes), Result)
+    assert uses_models.SEEN == [(tok, pipe)]
+    types = event_types(outcomes)
+    for phase in ("model_resolve", "model_load"):
+        assert f"request.{phase}.started" in types and f"request.{phase}.completed" in types
+    assert "metrics.gpu_load" in types
+    job = next(o for o in outcomes if isinstance(o, Event) and o.event_type == "metrics.job")
+    assert job.payload["cache_state"] == "hot_vram"
+    assert job.payload["models"] == {"pipe": "paint:a", "tokenizer": "fixed:tok"}
+
+
+def test_payload_model_outside_the_keyspace_is_a_validation_error() -> None:
+    from fixtures.functions import uses_models
+
+    models = InProcessModels(fixed={"tok": 1}, selectable={"paint": {"a": 2, "b": 3}})
+    outcomes = once(
+        uses_models.paint, b'{"model": "hf:evil/model"}', engine_kwargs={"models": models}
+    )
+    failure = terminal(outcomes)
+    assert isinstance(failure, Failure) and failure.error_type == "validation"
+    assert failure.safe_message == (
+        "model='hf:evil/model' is not a model of function 'paint'; choose one of ['a', 'b']"
+    )
+    assert "request.model_resolve.failed" in event_types(outcomes)
+
+
+def test_local_models_load_folders_by_ref(tmp_path: Path) -> None:
+    from fixtures.functions import uses_models
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "a").mkdir()
+    models = LocalModels(
+        {"tok": "acme/tok:latest"},
+        {"paint": {"a": "acme/a:latest", "b": "acme/b:latest"}},
+        {"acme/tok:latest": tmp_path / "tok", "acme/a:latest": tmp_path / "a"},
+    )
+    uses_models.SEEN.clear()
+    outcomes = once(uses_models.paint, b'{"model": "a"}', engine_kwargs={"models": models})
+    assert isinstance(terminal(outcomes), Result)
+    assert uses_models.SEEN == [(tmp_path / "tok", tmp_path / "a")]
+    job = next(o for o in outcomes if isinstance(o, Event) and o.event_type == "metrics.job")
+    assert job.payload["cache_state"] == "warm_disk"
+    missing = terminal(once(uses_models.paint, b'{"model": "b"}', engine_kwargs={"models": models}))
+    assert isinstance(missing, Failure) and missing.error_type == "fatal"
+    assert "model acme/b:latest is not available on this machine" in missing.safe_message
+    assert "request.model_load.failed" in event_types(
+        once(uses_models.paint, b'{"model": "b"}', engine_kwargs={"models": models})
+    )

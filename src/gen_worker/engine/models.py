@@ -34,6 +34,10 @@ class ModelProvider(Protocol):
         ...
 
 
+# Optional on a provider: ``cache_state(model_id) -> "hot_vram" | "warm_disk" | "cold_remote"``,
+# asked before loading; it becomes ``metrics.job``'s ``cache_state``.
+
+
 def selected_key(
     spec: FunctionSpec,
     injection: InjectionSpec,
@@ -77,6 +81,9 @@ class InProcessModels:
     async def load(self, model_id: str, injection: InjectionSpec, device: str) -> Any:
         return self._objects[model_id]
 
+    def cache_state(self, model_id: str) -> str:
+        return "hot_vram"  # live objects in this process: nothing to fetch or load
+
 
 class LocalModels:
     """Models declared in endpoint.lock, loaded from local snapshot folders.
@@ -115,10 +122,13 @@ class LocalModels:
             )
         return load_from_folder(folder, injection.type)
 
+    def cache_state(self, model_id: str) -> str:
+        return "warm_disk" if model_id in self._folders else "cold_remote"
+
 
 def load_from_folder(folder: Path, target: Any) -> Any:
     """A snapshot folder as the annotated type: the path itself, or ``T.from_pretrained``."""
-    if target in (Path, str, object):
+    if target in (Path, str, object, Any):
         return folder if target is not str else str(folder)
     loader = getattr(target, "from_pretrained", None)
     if inspect.isclass(target) and callable(loader):

@@ -188,6 +188,7 @@ class RequestRun:
             ids = {
                 i.param: await models.resolve(self.spec, i, payload) for i in self.spec.injections
             }
+        self._cache_states = {m: _cache_state(models, m) for m in ids.values()}
         start = time.monotonic()
         with self._phase(
             "model_load", settings.warn_model_load_s, {"models": sorted(ids.values())}
@@ -230,6 +231,7 @@ class RequestRun:
             emit=self.channel.hook,
             outputs=self._sink(),
             preferred_batch_size=lambda: self._deps.preferred_batch_size(self.spec.name),
+            prefetch_depth=lambda: self.spec.resources.prefetch_depth or 0,
         )
         return RequestContext(
             request_id=meta.request_id, function_name=self.spec.name, job_id=meta.job_id,
@@ -245,6 +247,7 @@ class RequestRun:
     stopped_callback: Callable[[], object] | None = None
     _sink_cache: OutputSink | None = None
     _models: dict[str, str] | None = None
+    _cache_states: dict[str, str | None] | None = None
 
     def _sink(self) -> OutputSink | None:
         if self._sink_cache is None and self._deps.outputs is not None:
@@ -288,6 +291,11 @@ class RequestRun:
         }
         if self.spec.is_streaming:
             payload["deltas"] = self.channel.delta_count
+        states = [s for s in (self._cache_states or {}).values() if s is not None]
+        if states:
+            # The request was as cold as its coldest model.
+            payload["cache_state"] = max(states, key=_CACHE_ORDER.index)
+            payload["model_cache_states"] = dict(self._cache_states or {})
         self.channel.event("metrics.job", payload)
 
     def _after(self) -> None:
@@ -340,6 +348,16 @@ class _Phase:
             self._channel.event(
                 f"request.{self._name}.failed", {"ms": ms, "error": type(exc).__name__}
             )
+
+
+_CACHE_ORDER = ["hot_vram", "warm_disk", "cold_remote"]
+
+
+def _cache_state(models: ModelProvider, model_id: str) -> str | None:
+    """Where the model was when asked for, if the provider knows (``hot_vram`` ...)."""
+    probe = getattr(models, "cache_state", None)
+    state = probe(model_id) if callable(probe) else None
+    return state if state in _CACHE_ORDER else None
 
 
 def _persist_output_assets(output: Any, sink: OutputSink) -> None:
