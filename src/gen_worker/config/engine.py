@@ -1,9 +1,4 @@
-"""Settings from the environment: the only module that reads ``os.environ``.
-
-Each reader returns one frozen object that is passed down explicitly. A malformed value is a
-:class:`~gen_worker.errors.ConfigError` naming the variable and what would be valid, raised at
-startup rather than at the first request that needs it.
-"""
+"""Engine limits and dev-runner defaults (seed README variables)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,15 @@
+"""Settings from the environment: the only package that reads ``os.environ``.
+
+Each reader returns one frozen object that is passed down explicitly. A malformed value is a
+:class:`~gen_worker.errors.ConfigError` naming the variable and what would be valid, raised at
+startup rather than at the first request that needs it.
+"""
+
+from gen_worker.config.engine import (
+    EngineSettings,
+    RunnerSettings,
+    load_engine_settings,
+    load_runner_settings,
+)
+
+__all__ = ["EngineSettings", "RunnerSettings", "load_engine_settings", "load_runner_settings"]
