@@ -1,0 +1,1 @@
+"""The wire protocol: typed messages and their protobuf conversion (pure data, no I/O)."""
