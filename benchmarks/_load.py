@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 __all__ = ["LoadResult", "percentile", "run_load"]
 
+#: How long past the measuring window a stalled server is waited for.
+_STALL_S = 10.0
+
 
 @dataclass(frozen=True, slots=True)
 class LoadResult:
@@ -80,13 +83,18 @@ async def _connection(host: str, port: int, request: bytes, window: _Window) -> 
 
 
 async def _run(
-    host: str, port: int, request: bytes, concurrency: int, warmup: float, seconds: float
+    host: str, port: int, request: bytes, concurrency: int, *, warmup: float, seconds: float
 ) -> LoadResult:
     now = time.perf_counter()
     window = _Window(now + warmup, now + warmup + seconds, [])
-    await asyncio.gather(
-        *(_connection(host, port, request, window) for _ in range(concurrency))
-    )
+    limit = warmup + seconds + _STALL_S
+    try:
+        async with asyncio.timeout(limit):
+            await asyncio.gather(
+                *(_connection(host, port, request, window) for _ in range(concurrency))
+            )
+    except TimeoutError:
+        raise RuntimeError(f"the server stopped answering (no result within {limit:g} s)") from None
     window.latencies.sort()
     return LoadResult(len(window.latencies), window.errors, seconds, window.latencies)
 
@@ -97,5 +105,4 @@ def run_load(
     """Drive ``POST url+path`` with ``concurrency`` keep-alive connections for a fixed time."""
     host, _, port = url.removeprefix("http://").rpartition(":")
     request = _request_bytes(host, int(port), path, body)
-    coro = _run(host, int(port), request, concurrency, warmup, seconds)
-    return asyncio.run(coro)
+    return asyncio.run(_run(host, int(port), request, concurrency, warmup=warmup, seconds=seconds))

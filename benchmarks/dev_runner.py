@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +154,7 @@ def wait_for_url(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
         if not line and proc.poll() is not None:
             break
     proc.kill()
-    raise SystemExit(f"server {proc.args} did not start (exit code {proc.poll()})")
+    raise SystemExit(f"server {proc.args!r} did not start (exit code {proc.poll()})")
 
 
 def start(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
@@ -218,15 +217,19 @@ def summarize(c: int, target: Target, results: list[LoadResult]) -> Row:
 # -- report -----------------------------------------------------------------------------------
 
 
-def print_table(rows: list[Row], args: argparse.Namespace) -> None:
+def print_intro(args: argparse.Namespace) -> None:
     print(
         f"dev runner vs bare Starlette/uvicorn: {args.seconds:g} s per row after {args.warmup:g} s "
         f"warm-up, median of {args.rounds} round(s); target runner/bare >= {TARGET:.2f}x"
     )
     print(
         f"note: this machine has {os.cpu_count()} cores shared by the load generator and the "
-        "server, so absolute numbers are low; the ratios are what matter.\n"
+        "server, so absolute numbers are low; the ratios are what matter.\n",
+        flush=True,
     )
+
+
+def print_table(rows: list[Row]) -> None:
     header = f"{'conc':>4}  {'target':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}"
     print(header + "  verdict")
     print("-" * (len(header) + 14))
@@ -256,6 +259,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    print_intro(args)
     with tempfile.TemporaryDirectory(prefix="gen-worker-bench-") as tmp:
         root = Path(tmp)
         write_files(root)
@@ -268,7 +272,7 @@ def main() -> None:
         finally:
             for proc in procs.values():
                 stop(proc)
-    print_table(rows, args)
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -11,5 +11,15 @@ from gen_worker.config.engine import (
     load_engine_settings,
     load_runner_settings,
 )
+from gen_worker.config.worker import WorkerMode, WorkerSettings, load_worker_settings, tls_for
 
-__all__ = ["EngineSettings", "RunnerSettings", "load_engine_settings", "load_runner_settings"]
+__all__ = [
+    "EngineSettings",
+    "RunnerSettings",
+    "WorkerMode",
+    "WorkerSettings",
+    "load_engine_settings",
+    "load_runner_settings",
+    "load_worker_settings",
+    "tls_for",
+]

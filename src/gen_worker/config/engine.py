@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Mapping
 
 import msgspec
 
-from gen_worker.errors import ConfigError
+from gen_worker.config.parse import positive_float, positive_int, read
 
 __all__ = ["EngineSettings", "RunnerSettings", "load_engine_settings", "load_runner_settings"]
-
-T = TypeVar("T")
 
 MIB = 1024 * 1024
 
@@ -42,47 +39,19 @@ class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     output_dir: str = "/outputs"
 
 
-def _positive_int(variable: str, text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        problem = f"{text!r} is not an integer; use a whole number >= 1"
-        raise ConfigError(variable, problem) from None
-    if value < 1:
-        raise ConfigError(variable, f"{value} is not valid; use a whole number >= 1")
-    return value
-
-
-def _positive_float(variable: str, text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ConfigError(variable, f"{text!r} is not a number; use seconds > 0, e.g. 30") from None
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(variable, f"{text!r} is not valid; use a finite number > 0")
-    return value
-
-
-def _read(env: Mapping[str, str], variable: str, parse: Callable[[str, str], T]) -> T | None:
-    text = env.get(variable)
-    if text is None or not text.strip():
-        return None
-    return parse(variable, text)
-
-
 def load_engine_settings(environ: Mapping[str, str] | None = None) -> EngineSettings:
     """Read the engine's variables; unset ones keep the documented defaults."""
     env = os.environ if environ is None else environ
     defaults = EngineSettings()
     values = {
-        "max_concurrency": _read(env, "WORKER_MAX_CONCURRENCY", _positive_int),
-        "max_input_bytes": _read(env, "WORKER_MAX_INPUT_BYTES", _positive_int),
-        "max_output_bytes": _read(env, "WORKER_MAX_OUTPUT_BYTES", _positive_int),
-        "max_upload_bytes": _read(env, "WORKER_MAX_UPLOAD_BYTES", _positive_int),
-        "max_input_file_bytes": _read(env, "WORKER_MAX_INPUT_FILE_BYTES", _positive_int),
-        "warn_model_resolve_s": _read(env, "WORKER_WARN_MODEL_RESOLVE_S", _positive_float),
-        "warn_model_load_s": _read(env, "WORKER_WARN_MODEL_LOAD_S", _positive_float),
-        "warn_inference_s": _read(env, "WORKER_WARN_INFERENCE_S", _positive_float),
+        "max_concurrency": read(env, "WORKER_MAX_CONCURRENCY", positive_int),
+        "max_input_bytes": read(env, "WORKER_MAX_INPUT_BYTES", positive_int),
+        "max_output_bytes": read(env, "WORKER_MAX_OUTPUT_BYTES", positive_int),
+        "max_upload_bytes": read(env, "WORKER_MAX_UPLOAD_BYTES", positive_int),
+        "max_input_file_bytes": read(env, "WORKER_MAX_INPUT_FILE_BYTES", positive_int),
+        "warn_model_resolve_s": read(env, "WORKER_WARN_MODEL_RESOLVE_S", positive_float),
+        "warn_model_load_s": read(env, "WORKER_WARN_MODEL_LOAD_S", positive_float),
+        "warn_inference_s": read(env, "WORKER_WARN_INFERENCE_S", positive_float),
     }
     given = {k: v for k, v in values.items() if v is not None}
     return msgspec.structs.replace(defaults, **given)

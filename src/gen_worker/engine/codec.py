@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from gen_worker.authoring import FunctionSpec
+from gen_worker.authoring import Asset, FunctionSpec
 from gen_worker.engine.request import Codec
 from gen_worker.errors import GenWorkerError, ValidationError
 
@@ -15,6 +15,37 @@ __all__ = ["FunctionCodec", "WrongTypeError"]
 
 class WrongTypeError(GenWorkerError):
     """The function returned or yielded something other than its declared Struct."""
+
+
+def _may_hold_assets(tp: Any) -> bool:
+    """Whether a value of type ``tp`` can contain an Asset anywhere (Any counts as yes)."""
+    seen: set[int] = set()
+    stack = [msgspec.inspect.type_info(tp)]
+    while stack:
+        info = stack.pop()
+        if id(info) in seen:
+            continue
+        seen.add(id(info))
+        if isinstance(info, msgspec.inspect.AnyType):
+            return True
+        if isinstance(info, msgspec.inspect.StructType):
+            if issubclass(info.cls, Asset):
+                return True
+            stack.extend(f.type for f in info.fields)
+        else:
+            stack.extend(_children(info))
+    return False
+
+
+def _children(info: msgspec.inspect.Type) -> list[msgspec.inspect.Type]:
+    out: list[msgspec.inspect.Type] = []
+    for name in ("item_type", "key_type", "value_type", "types", "item_types"):
+        value = getattr(info, name, None)
+        if isinstance(value, tuple):
+            out.extend(value)
+        elif value is not None:
+            out.append(value)
+    return out
 
 
 class FunctionCodec:
@@ -28,6 +59,9 @@ class FunctionCodec:
         # msgspec decoders are strict: no type coercion; unknown fields follow the Struct.
         self._json = msgspec.json.Decoder(spec.payload_type)
         self._msgpack = msgspec.msgpack.Decoder(spec.payload_type)
+        # Decided once per function: walking every payload for Assets costs on each request.
+        self.payload_may_hold_assets = _may_hold_assets(spec.payload_type)
+        self.output_may_hold_assets = _may_hold_assets(spec.output_type)
 
     def decode(self, data: bytes, codec: Codec) -> msgspec.Struct:
         decoder = self._json if codec is Codec.JSON else self._msgpack

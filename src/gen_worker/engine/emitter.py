@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -111,10 +111,25 @@ class OutcomeChannel:
         self.terminal = outcome
         return True
 
-    async def __aiter__(self) -> AsyncIterator[Outcome]:
+    def __aiter__(self) -> _ChannelIterator:
         """Every outcome in order, ending with the terminal one."""
-        while True:
-            outcome = await self._queue.get()
-            yield outcome
-            if isinstance(outcome, TERMINAL):
-                return
+        return _ChannelIterator(self._queue)
+
+
+class _ChannelIterator:
+    """A plain async iterator (not an async generator: leaving one early is free, while an
+    abandoned async generator costs a finalizer round trip through the loop)."""
+
+    def __init__(self, queue: asyncio.Queue[Outcome]) -> None:
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> _ChannelIterator:
+        return self
+
+    async def __anext__(self) -> Outcome:
+        if self._done:
+            raise StopAsyncIteration
+        outcome = await self._queue.get()
+        self._done = isinstance(outcome, TERMINAL)
+        return outcome

@@ -20,7 +20,15 @@ from typing import Any
 
 import msgspec
 
-from gen_worker.authoring import ContextHooks, FunctionSpec, OutputSink, RequestContext
+from gen_worker.authoring import (
+    Asset,
+    ContextHooks,
+    FunctionSpec,
+    OutputSink,
+    OutputStream,
+    RequestContext,
+    Tensors,
+)
 from gen_worker.config import EngineSettings
 from gen_worker.engine.calls import FunctionCall
 from gen_worker.engine.codec import FunctionCodec
@@ -164,6 +172,8 @@ class RequestRun:
         return self._codec.decode(self._payload_bytes, self.meta.codec)
 
     async def _fetch_assets(self, payload: msgspec.Struct) -> None:
+        if not self._codec.payload_may_hold_assets:
+            return
         assets = find_assets(payload)
         if not assets:
             return
@@ -172,6 +182,7 @@ class RequestRun:
         if self._deps.assets is None:
             raise ValidationError("this worker cannot fetch input files (no asset fetcher)")
         start = time.monotonic()
+        self._fetched_inputs = True
         await self._deps.assets.fetch_all(assets, self.request_id)
         self._metric("metrics.fetch", "fetch_ms", start)
 
@@ -213,7 +224,7 @@ class RequestRun:
     async def _encode(self, output: Any) -> bytes:
         if self.spec.is_streaming:
             return b""
-        sink = self._sink()
+        sink = self._sink() if self._codec.output_may_hold_assets else None
         if sink is not None and find_assets(output):
             await asyncio.to_thread(_persist_output_assets, output, sink)
         data = self._codec.encode(output, self.meta.codec)
@@ -229,7 +240,7 @@ class RequestRun:
         deadline = self._received + self.timeout_s if self.timeout_s is not None else None
         hooks = ContextHooks(
             emit=self.channel.hook,
-            outputs=self._sink(),
+            outputs=_LazySink(self._sink) if self._deps.outputs is not None else None,
             preferred_batch_size=lambda: self._deps.preferred_batch_size(self.spec.name),
             prefetch_depth=lambda: self.spec.resources.prefetch_depth or 0,
         )
@@ -246,6 +257,7 @@ class RequestRun:
     #: Called once the run has stopped (the engine forgets it then).
     stopped_callback: Callable[[], object] | None = None
     _sink_cache: OutputSink | None = None
+    _fetched_inputs = False
     _models: dict[str, str] | None = None
     _cache_states: dict[str, str | None] | None = None
 
@@ -300,7 +312,7 @@ class RequestRun:
 
     def _after(self) -> None:
         """Release the slot once the function has really stopped, then mark the run stopped."""
-        if self._deps.assets is not None:
+        if self._fetched_inputs and self._deps.assets is not None:
             self._deps.assets.cleanup(self.request_id)
 
         def release() -> None:
@@ -312,6 +324,33 @@ class RequestRun:
                 self.stopped_callback()
 
         self._call.when_stopped(release)
+
+
+class _LazySink:
+    """The request's output sink, built on first use: most requests save no files."""
+
+    def __init__(self, make: Callable[[], OutputSink | None]) -> None:
+        self._make = make
+
+    def _get(self) -> OutputSink:
+        sink = self._make()
+        assert sink is not None  # only built when the engine has an output sink factory
+        return sink
+
+    def save_bytes(self, ref: str, data: bytes) -> Asset:
+        return self._get().save_bytes(ref, data)
+
+    def save_file(self, ref: str, local_path: Path) -> Asset:
+        return self._get().save_file(ref, local_path)
+
+    def open_stream(self, ref: str) -> OutputStream:
+        return self._get().open_stream(ref)
+
+    def save_checkpoint(self, ref: str, local_path: Path, format: str) -> Tensors:
+        return self._get().save_checkpoint(ref, local_path, format)
+
+    def save_checkpoint_bytes(self, ref: str, data: bytes, format: str) -> Tensors:
+        return self._get().save_checkpoint_bytes(ref, data, format)
 
 
 class _Phase:

@@ -198,7 +198,9 @@ class _Server(uvicorn.Server):
 
 async def _serve(runner: DevRunner, host: str, port: int, log_level: str) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio enables TCP_NODELAY on accepted sockets only for TCP-proto
+    # listeners; without it every response waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]

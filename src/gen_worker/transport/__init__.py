@@ -1,0 +1,1 @@
+"""The worker's links to the scheduler: the gRPC stream and the worker JWT it presents."""
