@@ -1,4 +1,4 @@
-"""Logging helpers shared by every layer: secret redaction for log lines and error details.
+"""Logging shared by every layer: structured log lines and secret redaction.
 
 Tokens, JWTs and presigned-URL signatures must never reach a log line or an error message;
 :func:`redact` is applied to every operator-facing text the worker produces.
@@ -6,9 +6,15 @@ Tokens, JWTs and presigned-URL signatures must never reach a log line or an erro
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import time
+from typing import Any
 
-__all__ = ["REDACTED", "redact"]
+import msgspec
+
+__all__ = ["REDACTED", "log", "redact"]
 
 REDACTED = "[REDACTED]"
 
@@ -31,3 +37,32 @@ def redact(text: str) -> str:
     for pattern in _PATTERNS:
         text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + REDACTED, text)
     return text
+
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+def _threshold() -> int:
+    # Read once per process; the logs module is a leaf, so it reads its one variable itself.
+    level = os.environ.get("GEN_WORKER_LOG_LEVEL", "info").strip().lower()
+    return _LEVELS.get(level, 20)
+
+
+_MIN_LEVEL = _threshold()
+
+
+def log(level: str, message: str, **fields: Any) -> None:
+    """One structured log line on stderr: JSON when not on a terminal; secrets redacted."""
+    if _LEVELS.get(level, 20) < _MIN_LEVEL:
+        return
+    record = {"ts": round(time.time(), 3), "level": level, "msg": message, **fields}
+    if sys.stderr.isatty():
+        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        line = f"{level.upper():7} {message} {extra}".rstrip()
+    else:
+        line = msgspec.json.encode(record, enc_hook=str).decode()
+    try:
+        sys.stderr.write(redact(line) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed: logging must never fail the worker
+        return

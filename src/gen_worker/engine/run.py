@@ -106,6 +106,11 @@ class RequestRun:
     # -- control ------------------------------------------------------------------------------
 
     @property
+    def is_queued(self) -> bool:
+        """Still waiting for a concurrency slot (an interrupt may be meant for these only)."""
+        return not self._holds_slot and not self.is_finished
+
+    @property
     def is_finished(self) -> bool:
         return self.channel.terminal is not None
 

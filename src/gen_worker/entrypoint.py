@@ -1,0 +1,139 @@
+"""``python -m gen_worker.entrypoint``: the image's ENTRYPOINT.
+
+``WORKER_MODE=inference`` (the default) runs the gRPC worker: settings, cache preflight,
+endpoint import (the baked lock plus the code under the endpoint root), optional local
+verification of ``WORKER_JWT``, then connect, register, serve, drain. Every step is a
+``worker.startup.phase`` event; every fatal ending exits non-zero with a one-line reason and no
+token in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from gen_worker.config import WorkerSettings, load_worker_settings, tls_for
+from gen_worker.discovery.endpoint import LoadedEndpoint, load_from_lock
+from gen_worker.engine import Engine, resolve_concurrency
+from gen_worker.errors import GenWorkerError
+from gen_worker.files import LocalOutputSink
+from gen_worker.logs import log
+from gen_worker.runtime import core_types as ct
+from gen_worker.runtime.worker import Identity, Worker
+from gen_worker.transport.jwt import JwtClaims, unverified_claims, verify_worker_jwt
+
+__all__ = ["main", "run_inference"]
+
+
+def _fatal(phase: str, exc: BaseException, code: int = 1) -> int:
+    message = " ".join(str(exc).split())
+    log("error", "worker.fatal", phase=phase, exception_class=type(exc).__name__,
+        exception_message=message, exit_code=code)  # fmt: skip
+    return code
+
+
+def _preflight(settings: WorkerSettings) -> None:
+    """The cache directories must be writable before any model or output lands there."""
+    for folder in (Path(settings.tensorhub_cache_dir), Path(settings.local_model_cache_dir)):
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".gen-worker-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+
+
+async def _identity(settings: WorkerSettings, address: str) -> Identity:
+    token = settings.worker_jwt or ""  # required in inference mode: settings checked it
+    if settings.jwks_url:
+        claims = await verify_worker_jwt(
+            token, jwks_url=settings.jwks_url, issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )  # fmt: skip
+    else:
+        # Without a JWKS the token is the scheduler's to judge; a local dev token such as
+        # "dev-worker-jwt" need not be a JWT. Claims, when it is one, still name the worker.
+        try:
+            claims = unverified_claims(token)
+        except GenWorkerError:
+            claims = JwtClaims(sub=None, release_id=None, iss=None, aud=None, exp=None, raw={})
+    _, tls = tls_for(address, settings.use_tls)
+    return Identity(
+        worker_id=settings.worker_id or claims.sub or f"worker-{uuid.uuid4().hex[:12]}",
+        release_id=claims.release_id or "",
+        token=token,
+        tls=tls,
+        image_digest=settings.image_digest or "",
+        git_commit=settings.git_commit or "",
+        build_time=settings.build_time or "",
+    )
+
+
+def _core_config(settings: WorkerSettings, address: str) -> ct.CoreConfig:
+    addresses = [address, *settings.scheduler_addrs]
+    dialable = tuple(tls_for(a, settings.use_tls)[0] for a in addresses)
+    return ct.CoreConfig(
+        addresses=tuple(dict.fromkeys(dialable)),
+        reconnect_delay_s=settings.reconnect_delay_s,
+        reconnect_max_delay_s=settings.reconnect_max_delay_s,
+        reconnect_jitter_s=settings.reconnect_jitter_s,
+        max_reconnect_attempts=settings.max_reconnect_attempts,
+        register_timeout_s=settings.register_timeout_s,
+        drain_timeout_s=settings.drain_timeout_s,
+        lb_only_retries=settings.lb_only_retries,
+    )
+
+
+def _engine(settings: WorkerSettings, endpoint: LoadedEndpoint) -> Engine:
+    # Outputs stay on this machine under the cache until the hub's file API sink lands.
+    outputs = Path(settings.tensorhub_cache_dir) / "outputs"
+    limit = settings.engine.max_upload_bytes
+    return Engine(
+        endpoint.functions,
+        settings=settings.engine,
+        concurrency=resolve_concurrency(
+            settings.engine, endpoint.lock.resources.get("max_inflight_requests")
+        ),
+        outputs=lambda rid: LocalOutputSink(outputs, rid, max_upload_bytes=limit),
+    )
+
+
+async def run_inference(settings: WorkerSettings) -> int:
+    log("info", "worker.startup.phase", phase="boot")
+    address = settings.orchestrator_addr or ""  # required in inference mode: settings checked it
+    try:
+        log("info", "worker.startup.phase", phase="cache_preflight_started")
+        _preflight(settings)
+        log("info", "worker.startup.phase", phase="cache_preflight_ok")
+    except OSError as exc:
+        log("error", "worker.startup.phase", phase="cache_preflight_failed")
+        return _fatal("cache_preflight", exc)
+    try:
+        endpoint = load_from_lock(settings.manifest_path, settings.endpoint_root)
+        identity = await _identity(settings, address)
+    except GenWorkerError as exc:
+        return _fatal("boot", exc)
+    worker = Worker(
+        _core_config(settings, address), identity, endpoint, _engine(settings, endpoint)
+    )
+    return await worker.run()
+
+
+def main() -> int:
+    try:
+        settings = load_worker_settings()
+    except GenWorkerError as exc:
+        return _fatal("settings", exc)
+    if settings.mode == "trainer":
+        print(
+            "error: WORKER_MODE=trainer is not available in this version of gen-worker "
+            "(the trainer runtime is not built yet)",
+            file=sys.stderr,
+        )
+        return 1
+    return asyncio.run(run_inference(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Engine outcomes as wire messages, and the worker's description of itself."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from gen_worker.discovery import EndpointLock
+from gen_worker.engine import Delta, Event, Failure, Log, Outcome, Progress, Result
+from gen_worker.protocol import messages as m
+
+__all__ = ["failure_message", "function_infos", "host_info", "outcome_message"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+def outcome_message(outcome: Outcome, ref: m.RequestRef, *, streaming: bool) -> Any:
+    """The wire message for one engine outcome of a request."""
+    if isinstance(outcome, Delta):
+        return m.JobDelta(ref=ref, data=outcome.data)
+    if isinstance(outcome, Result | Failure):
+        return _terminal_message(outcome, ref, streaming=streaming)
+    return _event_message(outcome, ref)
+
+
+def _event_message(outcome: Progress | Log | Event, ref: m.RequestRef) -> m.JobEvent:
+    if isinstance(outcome, Progress):
+        payload: dict[str, Any] = {"progress": outcome.progress, **outcome.detail}
+        if outcome.stage is not None:
+            payload["stage"] = outcome.stage
+        return m.JobEvent(ref=ref, event_type="request.progress", payload_json=_encode(payload))
+    if isinstance(outcome, Log):
+        body = {"message": outcome.message, "level": outcome.level}
+        return m.JobEvent(ref=ref, event_type="request.log", payload_json=_encode(body))
+    return m.JobEvent(ref=ref, event_type=outcome.event_type, payload_json=_encode(outcome.payload))
+
+
+def _terminal_message(outcome: Result | Failure, ref: m.RequestRef, *, streaming: bool) -> Any:
+    if isinstance(outcome, Failure):
+        return failure_message(outcome, ref, streaming=streaming)
+    if streaming:
+        return m.StreamDone(ref=ref, timing_ms=outcome.timing_ms)
+    return m.JobResult(ref=ref, success=True, output=outcome.output, timing_ms=outcome.timing_ms)
+
+
+def failure_message(failure: Failure, ref: m.RequestRef, *, streaming: bool) -> Any:
+    kind = m.StreamError if streaming else m.JobResult
+    return kind(
+        ref=ref,
+        error_type=failure.error_type,
+        retryable=failure.retryable,
+        safe_message=failure.safe_message,
+        error_message=failure.error_message,
+        timing_ms=failure.timing_ms,
+    )
+
+
+def function_infos(lock: EndpointLock, capacity: int) -> list[m.FunctionInfo]:
+    return [
+        m.FunctionInfo(
+            name=f.name,
+            python_name=f.python_name,
+            streaming=f.streaming,
+            is_async=f.is_async,
+            input_schema=f.input_schema,
+            output_schema=f.output_schema,
+            delta_schema=f.delta_schema or "",
+            input_schema_sha256=f.input_schema_sha256,
+            output_schema_sha256=f.output_schema_sha256,
+            capacity=capacity,
+            batch_dimension=f.batch_dimension or "",
+            resources_json=_encode(f.resources),
+        )
+        for f in lock.functions
+    ]
+
+
+_LIBRARIES = ("gen-worker", "msgspec", "grpcio", "protobuf", "torch", "diffusers", "transformers")
+
+
+def _library_versions(names: Sequence[str]) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _memory_bytes() -> tuple[int, int]:
+    """(total, available) from /proc/meminfo; zeros where it does not exist."""
+    values: dict[str, int] = {}
+    try:
+        with Path("/proc/meminfo").open(encoding="ascii") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                values[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return values.get("MemTotal", 0), values.get("MemAvailable", 0)
+
+
+def _gpus() -> list[m.GpuInfo]:
+    """GPU facts through NVML when nvidia-ml-py and a driver are present; none otherwise."""
+    try:
+        import pynvml  # type: ignore[import-not-found]  # noqa: PLC0415  # optional
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver on this machine: a CPU worker
+        return []
+    gpus = []
+    for index in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+        gpus.append(
+            m.GpuInfo(
+                index=index,
+                name=str(pynvml.nvmlDeviceGetName(handle)),
+                total_vram_bytes=memory.total,
+                used_vram_bytes=memory.used,
+                free_vram_bytes=memory.free,
+                compute_capability=f"{major}.{minor}",
+            )
+        )
+    return gpus
+
+
+def host_info(image_digest: str, git_commit: str, build_time: str) -> m.HostInfo:
+    total, available = _memory_bytes()
+    return m.HostInfo(
+        cpu_count=os.cpu_count() or 0,
+        ram_total_bytes=total,
+        ram_available_bytes=available,
+        gpus=_gpus(),
+        libraries=_library_versions(_LIBRARIES),
+        image_digest=image_digest,
+        git_commit=git_commit,
+        build_time=build_time,
+        python_version=platform.python_version(),
+        hostname=socket.gethostname(),
+    )

@@ -1,0 +1,454 @@
+"""The worker's thin shell: it feeds events to the pure core and carries out its actions.
+
+Every decision (when to reconnect, what to resend, when a drain is over, when to exit) is made
+by :class:`~gen_worker.runtime.core.WorkerCore`; this module only does I/O: dialing, reading
+and writing the stream, timers, starting and canceling engine runs, signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from gen_worker.discovery.endpoint import LoadedEndpoint
+from gen_worker.engine import Codec, Engine, RequestMeta, RequestRun
+from gen_worker.logs import log
+from gen_worker.protocol import messages as m
+from gen_worker.runtime import core_types as ct
+from gen_worker.runtime.core import WorkerCore
+from gen_worker.runtime.messages import function_infos, host_info, outcome_message
+from gen_worker.transport.stream import StreamClosed, WorkerStream, connect
+
+__all__ = ["Identity", "Worker"]
+
+Connect = Callable[..., Awaitable[WorkerStream]]
+_CLOSE = object()  # the writer's "flush, then close the stream" marker
+
+
+@dataclass
+class Identity:
+    """Who this worker is, as the registration says."""
+
+    worker_id: str
+    release_id: str = ""
+    token: str = field(default="", repr=False)
+    tls: bool = False
+    image_digest: str = ""
+    git_commit: str = ""
+    build_time: str = ""
+
+
+class _Link:
+    """One open stream: its reader and writer tasks and its ordered outbox."""
+
+    def __init__(self, stream: WorkerStream) -> None:
+        self.stream = stream
+        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.closed = False
+
+
+class Worker:
+    def __init__(
+        self,
+        config: ct.CoreConfig,
+        identity: Identity,
+        endpoint: LoadedEndpoint,
+        engine: Engine,
+        *,
+        connect_stream: Connect = connect,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.core = WorkerCore(config, rng or random.Random())
+        self.identity = identity
+        self.endpoint = endpoint
+        self.engine = engine
+        self._connect = connect_stream
+        self._link: _Link | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._runs: dict[ct.RequestKey, RequestRun] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._disabled: set[str] = set()
+        self._pending_events: list[m.WorkerEvent] = []
+        self._exit: asyncio.Future[int] | None = None
+        self.canceled = 0
+
+    # -- running --------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Connect, serve, and return the exit code once the core says to exit."""
+        loop = asyncio.get_running_loop()
+        self._exit = loop.create_future()
+        on_main = threading.current_thread() is threading.main_thread()
+        if on_main:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.handle, ct.SignalReceived())
+        self.worker_event("worker.startup.phase", {"phase": "scheduler_connecting"})
+        self.handle(ct.Start())
+        try:
+            code = await self._exit
+        finally:
+            if on_main:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            await self._teardown()
+        return code
+
+    def worker_event(self, event_type: str, payload: dict[str, Any]) -> None:
+        """A worker-level event: logged now, sent once a stream is registered."""
+        log("info", event_type, **payload)
+        event = m.WorkerEvent(event_type=event_type, payload_json=msgspec.json.encode(payload))
+        if self._link is not None and self.core.registered:
+            self._write(event)
+        else:
+            self._pending_events.append(event)
+
+    def handle(self, event: ct.Event) -> None:
+        for action in self.core.handle(event):
+            self._do(action)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _timer(self, name: str, delay_s: float, event: ct.Event) -> None:
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._timers[name] = loop.call_later(delay_s, self.handle, event)
+
+    def _cancel_timer(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def _do(self, action: ct.Action) -> None:  # noqa: C901, PLR0912  # one case per action
+        match action:
+            case ct.Dial(address=address):
+                self._spawn(self._dial(address))
+            case ct.ScheduleReconnect(delay_s=delay):
+                self._timer("reconnect", delay, ct.ReconnectDue())
+            case ct.SendRegistration(assignments=assignments):
+                self._write(self._registration(assignments))
+            case ct.Send(payloads=payloads):
+                for payload in payloads:
+                    self._write(payload)
+            case ct.StartHeartbeat(interval_s=interval):
+                self._start_heartbeat(interval)
+            case ct.StopHeartbeat():
+                self._stop_heartbeat()
+            case ct.ArmWatchdog(timeout_s=timeout):
+                self._timer("watchdog", timeout, ct.RegisterTimedOut())
+            case ct.DisarmWatchdog():
+                self._cancel_timer("watchdog")
+                self._on_registered()
+            case ct.StartJob(request_id=rid, attempt=attempt, payload=job):
+                self._start_job((rid, attempt), job)
+            case ct.ReplayResult(payload=payload):
+                self._write(payload)
+            case ct.RejectJob(request_id=rid, attempt=attempt, reason=reason):
+                self._write(self._rejection(rid, attempt, reason))
+            case ct.CancelJob(request_id=rid, attempt=attempt):
+                self._cancel((rid, attempt))
+            case ct.CancelAllJobs():
+                for key in list(self._runs):
+                    self._cancel(key)
+            case ct.ScheduleDrainDeadline(delay_s=delay):
+                self._timer("drain", delay, ct.DrainDeadline())
+            case ct.ScheduleFinalDeadline(delay_s=delay):
+                self._timer("final", delay, ct.FinalDeadline())
+            case ct.SendDrainResult(canceled=canceled, undelivered=undelivered):
+                self._write(
+                    m.DrainResult(canceled=canceled, undelivered=undelivered, reason="drained")
+                )
+            case ct.CloseStream():
+                self._write(_CLOSE)
+            case ct.Exit(code=code, reason=reason):
+                self._on_exit(code, reason)
+
+    # -- the stream ------------------------------------------------------------------------------
+
+    async def _dial(self, address: str) -> None:
+        try:
+            stream = await self._connect(address, tls=self.identity.tls, token=self.identity.token)
+        except StreamClosed as exc:
+            self.handle(_closed_event(exc, dial=True))
+            return
+        link = _Link(stream)
+        self._link = link
+        link.tasks = [
+            asyncio.create_task(self._reader(link)),
+            asyncio.create_task(self._writer(link)),
+        ]
+        self.handle(ct.Dialed())
+
+    def _write(self, message: Any) -> None:
+        link = self._link
+        if link is not None and not link.closed:
+            link.outbox.put_nowait(message)
+
+    async def _writer(self, link: _Link) -> None:
+        while True:
+            message = await link.outbox.get()
+            if message is _CLOSE:
+                await self._drop(link, None)
+                return
+            try:
+                await link.stream.send(message)
+            except StreamClosed as exc:
+                await self._drop(link, exc)
+                return
+
+    async def _reader(self, link: _Link) -> None:
+        try:
+            async for message in link.stream:
+                self._on_message(message)
+        except StreamClosed as exc:
+            await self._drop(link, exc)
+        except Exception as exc:  # a malformed message: the stream cannot be trusted any more
+            await self._drop(link, StreamClosed("broken", f"{type(exc).__name__}: {exc}"))
+
+    async def _drop(self, link: _Link, reason: StreamClosed | None) -> None:
+        """Close a stream once; tell the core unless we closed it on purpose."""
+        if link.closed:
+            return
+        link.closed = True
+        if self._link is link:
+            self._link = None
+        current = asyncio.current_task()
+        for task in link.tasks:
+            if task is not current:
+                task.cancel()
+        with contextlib.suppress(Exception):
+            await link.stream.close()
+        if reason is not None:
+            self.handle(_closed_event(reason, dial=False))
+
+    # -- messages from the scheduler -----------------------------------------------------------
+
+    def _on_message(self, message: m.SchedulerMessage) -> None:  # noqa: C901, PLR0912  # one case per kind
+        match message:
+            case m.RegistrationAck(heartbeat_interval_s=interval, resume=resume):
+                done = tuple((r.request_id, r.attempt_epoch, r.received_count - 1) for r in resume)
+                self.handle(
+                    ct.RegistrationAcked(heartbeat_interval_s=interval or 10.0, resume=done)
+                )
+            case m.Ack(received=received):
+                for r in received:
+                    self.handle(
+                        ct.OutcomeAcked(r.request_id, r.attempt_epoch, r.received_count - 1)
+                    )
+            case m.JobRequest():
+                self.handle(ct.JobReceived(message.request_id, message.attempt_epoch, message))
+            case m.BatchJobRequest(items=items):
+                for item in items:
+                    self.handle(ct.JobReceived(item.request_id, item.attempt_epoch, item))
+            case m.Interrupt():
+                self._on_interrupt(message)
+            case m.Drain(deadline_s=deadline):
+                self.handle(ct.DrainRequested(deadline if deadline > 0 else None))
+            case m.EndpointConfig(disabled_functions=disabled):
+                self._disabled = set(disabled)
+            case m.RuntimeBatchingConfig(function_name=name, preferred_batch_size=size):
+                self._on_batching(name, size)
+            case m.LoadModel(model_id=model) | m.UnloadModel(model_id=model):
+                self._write(_model_unsupported(message, model))
+            case m.SchedulerEvent(event_type="jwt.rotated", jwt=token) if token:
+                self.identity.token = token  # used by the next connection
+            case _:
+                log("debug", "scheduler message ignored", kind=type(message).__name__)
+
+    def _on_interrupt(self, message: m.Interrupt) -> None:
+        attempt = None if message.any_attempt else message.attempt_epoch
+        if message.queued_only:
+            for (rid, att), run in self._runs.items():
+                if rid == message.request_id and run.is_queued and attempt in (None, att):
+                    self.handle(ct.InterruptReceived(rid, att))
+            return
+        self.handle(ct.InterruptReceived(message.request_id, attempt))
+
+    def _on_batching(self, name: str, size: int) -> None:
+        spec = self.engine.find(name)
+        if spec is None or size < 1:
+            error = f"unknown function {name!r}" if spec is None else "batch size must be >= 1"
+            self._write(
+                m.RuntimeBatchingConfigResult(function_name=name, ok=False, error_message=error)
+            )
+            return
+        self.engine.set_preferred_batch_size(spec.name, size)
+        self._write(m.RuntimeBatchingConfigResult(function_name=name, ok=True))
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def _start_job(self, key: ct.RequestKey, job: m.JobRequest) -> None:
+        spec = self.engine.find(job.function_name)
+        ref = m.RequestRef(
+            request_id=job.request_id, item_id=job.item_id, attempt_epoch=job.attempt_epoch
+        )
+        if spec is None or spec.name in self._disabled:
+            why = "is disabled" if spec is not None else "does not exist on this worker"
+            text = f"function {job.function_name!r} {why}"
+            failure = m.JobResult(
+                ref=ref, error_type="validation", safe_message=text, error_message=text
+            )
+            self.handle(ct.OutcomeProduced(key[0], key[1], 0, True, failure))
+            self.handle(ct.JobStopped(key[0], key[1]))
+            return
+        meta = RequestMeta(
+            request_id=job.request_id, job_id=job.job_id or None, owner=job.owner or None,
+            invoker_id=job.invoker_id or None, parent_request_id=job.parent_request_id or None,
+            child_request_id=job.child_request_id or None, item_id=job.item_id or None,
+            item_index=job.item_index if job.item_id else None,
+            timeout_ms=job.timeout_ms or None, required_models=tuple(job.required_models),
+            codec=Codec.MSGPACK,
+        )  # fmt: skip
+        try:
+            run = self.engine.start(spec, job.payload, meta)
+        except Exception as exc:  # e.g. the same request id is still stopping from an attempt
+            failure = m.JobResult(ref=ref, error_type="retryable", retryable=True,
+                                  safe_message=str(exc), error_message=str(exc))  # fmt: skip
+            self.handle(ct.OutcomeProduced(key[0], key[1], 0, True, failure))
+            self.handle(ct.JobStopped(key[0], key[1]))
+            return
+        self._runs[key] = run
+        self._spawn(self._pump(key, run, ref, spec.is_streaming))
+
+    async def _pump(
+        self, key: ct.RequestKey, run: RequestRun, ref: m.RequestRef, streaming: bool
+    ) -> None:
+        async for outcome in run.channel:
+            message = outcome_message(
+                outcome, msgspec.structs.replace(ref, seq=outcome.seq), streaming=streaming
+            )
+            terminal = outcome is run.channel.terminal
+            self.handle(ct.OutcomeProduced(key[0], key[1], outcome.seq, terminal, message))
+        await run.stopped.wait()
+        self._runs.pop(key, None)
+        self.handle(ct.JobStopped(key[0], key[1]))
+
+    def _cancel(self, key: ct.RequestKey) -> None:
+        run = self._runs.get(key)
+        if run is not None and run.cancel():
+            self.canceled += 1
+
+    def _rejection(self, rid: str, attempt: int, reason: str) -> m.JobResult:
+        text = f"this worker is {reason}; retry on another worker"
+        ref = m.RequestRef(request_id=rid, attempt_epoch=attempt)
+        return m.JobResult(
+            ref=ref, error_type="retryable", retryable=True, safe_message=text, error_message=text
+        )
+
+    # -- registration and heartbeats ------------------------------------------------------------
+
+    def _registration(self, assignments: tuple[ct.Assignment, ...]) -> m.WorkerRegistration:
+        identity = self.identity
+        lock = self.endpoint.lock
+        return m.WorkerRegistration(
+            worker_id=identity.worker_id, release_id=identity.release_id,
+            endpoint_name=lock.endpoint_name,
+            functions=function_infos(lock, self.engine.slots.limit),
+            max_concurrency=self.engine.slots.limit,
+            host=host_info(identity.image_digest, identity.git_commit, identity.build_time),
+            gpu_busy=self.engine.slots.in_use > 0, draining=self.core.draining,
+            assignments=self._assignments(assignments),
+        )  # fmt: skip
+
+    def _assignments(self, items: tuple[ct.Assignment, ...]) -> list[m.Assignment]:
+        return [
+            m.Assignment(request_id=rid, attempt_epoch=att, sent_count=seq + 1)
+            for rid, att, seq in items
+        ]
+
+    def _heartbeat_message(self) -> m.Heartbeat:
+        slots = self.engine.slots
+        active = [m.Assignment(request_id=rid, attempt_epoch=att) for rid, att in self.core.active]
+        return m.Heartbeat(running=slots.in_use, waiting=slots.waiting, gpu_busy=slots.in_use > 0,
+                           draining=self.core.draining, assignments=active)  # fmt: skip
+
+    def _start_heartbeat(self, interval_s: float) -> None:
+        self._stop_heartbeat()
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                self._write(self._heartbeat_message())
+
+        self._heartbeat = asyncio.create_task(beat())
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+
+    def _on_registered(self) -> None:
+        """The first acknowledged registration: report the startup phases held until now."""
+        self.worker_event("worker.startup.phase", {"phase": "registered"})
+        self.worker_event("worker.startup.phase", {"phase": "ready"})
+        pending, self._pending_events = self._pending_events, []
+        for event in pending:
+            self._write(event)
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def _on_exit(self, code: int, reason: str) -> None:
+        if code != 0:
+            phase = (
+                "startup_timeout_unregistered"
+                if code == ct.ExitCode.REGISTER_TIMEOUT
+                else "running"
+            )
+            self.worker_event("worker.fatal", {"phase": phase, "exception_class": "WorkerExit",
+                                               "exception_message": reason, "traceback": "",
+                                               "exit_code": code})  # fmt: skip
+        else:
+            log("info", "worker stopping", reason=reason)
+        if self._exit is not None and not self._exit.done():
+            self._exit.set_result(code)
+
+    async def _teardown(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._stop_heartbeat()
+        link = self._link
+        if link is not None:
+            # Let the writer flush what the core asked to send (the drain result) first.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_flushed(link), 2.0)
+            await self._drop(link, None)
+        for run in self._runs.values():
+            run.cancel()
+        await self.engine.shutdown(grace_s=0)
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def _flushed(link: _Link) -> None:
+    while not link.outbox.empty() and not link.closed:
+        await asyncio.sleep(0.01)
+
+
+def _closed_event(exc: StreamClosed, *, dial: bool) -> ct.Event:
+    if exc.kind in ("rejected", "unauthenticated"):
+        return ct.ProtocolRejected(exc.detail)
+    if exc.kind == "redirect":
+        return ct.Redirected(exc.address)
+    return ct.DialFailed(exc.detail) if dial else ct.StreamBroken(exc.detail)
+
+
+def _model_unsupported(message: m.LoadModel | m.UnloadModel, model: str) -> Any:
+    kind = m.LoadModelResult if isinstance(message, m.LoadModel) else m.UnloadModelResult
+    text = "loading and unloading models is not supported by this worker version"
+    return kind(model_id=model, ok=False, reason="not_supported", error_message=text)
