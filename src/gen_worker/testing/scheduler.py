@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from gen_worker.protocol import messages as m
 from gen_worker.transport.stream import (
     REDIRECT_PREFIX,
@@ -253,9 +251,7 @@ class MockScheduler:
         except (StopAsyncIteration, Exception):
             return
         if not isinstance(first, m.WorkerRegistration):
-            await session.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "expected a registration first"
-            )
+            await session.abort("FAILED_PRECONDITION", "expected a registration first")
             return
         if first.protocol.major != self.accept_major:
             self.rejected_sessions += 1
@@ -263,7 +259,7 @@ class MockScheduler:
                 f"{REJECT_PREFIX}worker protocol {first.protocol.major}.x, "
                 f"scheduler speaks {self.accept_major}.x"
             )
-            await session.abort(grpc.StatusCode.FAILED_PRECONDITION, detail)
+            await session.abort("FAILED_PRECONDITION", detail)
             return
         conn = await self._register(session, first)
         try:
@@ -278,13 +274,13 @@ class MockScheduler:
 
     async def _admit(self, session: SchedulerSession) -> bool:
         if self.redirect_to is not None:
-            await session.abort(grpc.StatusCode.UNAVAILABLE, f"{REDIRECT_PREFIX}{self.redirect_to}")
+            await session.abort("UNAVAILABLE", f"{REDIRECT_PREFIX}{self.redirect_to}")
             return False
         if self.expected_token is not None:
             auth = session.metadata.get("authorization", "")
             if auth != f"Bearer {self.expected_token}":
                 self.rejected_sessions += 1
-                await session.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid worker token")
+                await session.abort("UNAUTHENTICATED", "invalid worker token")
                 return False
         return True
 

@@ -141,8 +141,9 @@ class SchedulerSession:
         async for data in self._requests:
             yield worker_from_pb(data)
 
-    async def abort(self, status: grpc.StatusCode, details: str) -> None:
-        await self._context.abort(status, details)
+    async def abort(self, status: str, details: str) -> None:
+        """End the stream with a gRPC status named like ``"UNAVAILABLE"``."""
+        await self._context.abort(grpc.StatusCode[status], details)
 
 
 SessionHandler = Callable[[SchedulerSession], Awaitable[None]]
