@@ -151,6 +151,8 @@ class MockScheduler:
         await self.start(self._address)
 
     async def close(self) -> None:
+        """Acknowledge what arrived (so workers need not hold it for a resume), then stop."""
+        await self._flush_acks()
         await self.stop()
         if self._ack_task is not None:
             self._ack_task.cancel()
@@ -365,15 +367,18 @@ class MockScheduler:
     async def _ack_loop(self) -> None:
         while True:
             await asyncio.sleep(self.ack_interval_s)
-            dirty, self._dirty = self._dirty, {}
-            for worker_id, keys in dirty.items():
-                received = [
-                    m.Received(
-                        request_id=k[0],
-                        attempt_epoch=k[1],
-                        received_count=self.records[k].received_count,
-                    )
-                    for k in keys
-                ]
-                if not await self.send(m.Ack(received=received), worker_id):
-                    self._dirty.setdefault(worker_id, set()).update(keys)
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        dirty, self._dirty = self._dirty, {}
+        for worker_id, keys in dirty.items():
+            received = [
+                m.Received(
+                    request_id=k[0],
+                    attempt_epoch=k[1],
+                    received_count=self.records[k].received_count,
+                )
+                for k in keys
+            ]
+            if not await self.send(m.Ack(received=received), worker_id):
+                self._dirty.setdefault(worker_id, set()).update(keys)
