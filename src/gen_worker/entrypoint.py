@@ -13,7 +13,9 @@ import asyncio
 import os
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from gen_worker.config import WorkerSettings, load_worker_settings, tls_for
 from gen_worker.discovery.endpoint import LoadedEndpoint, load_from_lock
@@ -70,6 +72,19 @@ async def _identity(settings: WorkerSettings, address: str) -> Identity:
     )
 
 
+def _token_verifier(settings: WorkerSettings) -> Callable[[str], Awaitable[Any]] | None:
+    jwks_url = settings.jwks_url
+    if not jwks_url:
+        return None
+
+    async def verify(token: str) -> Any:
+        return await verify_worker_jwt(
+            token, jwks_url=jwks_url, issuer=settings.jwt_issuer, audience=settings.jwt_audience
+        )
+
+    return verify
+
+
 def _core_config(settings: WorkerSettings, address: str) -> ct.CoreConfig:
     addresses = [address, *settings.scheduler_addrs]
     dialable = tuple(tls_for(a, settings.use_tls)[0] for a in addresses)
@@ -115,7 +130,11 @@ async def run_inference(settings: WorkerSettings) -> int:
     except GenWorkerError as exc:
         return _fatal("boot", exc)
     worker = Worker(
-        _core_config(settings, address), identity, endpoint, _engine(settings, endpoint)
+        _core_config(settings, address),
+        identity,
+        endpoint,
+        _engine(settings, endpoint),
+        verify_token=_token_verifier(settings),
     )
     return await worker.run()
 

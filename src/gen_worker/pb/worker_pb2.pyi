@@ -345,14 +345,16 @@ class DrainResult(_message.Message):
     def __init__(self, completed: _Optional[int] = ..., canceled: _Optional[int] = ..., undelivered: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class BatchResult(_message.Message):
-    __slots__ = ("batch_id", "function_name", "results")
+    __slots__ = ("batch_id", "function_name", "results", "ref")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_NAME_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     function_name: str
     results: _containers.RepeatedCompositeFieldContainer[JobResult]
-    def __init__(self, batch_id: _Optional[str] = ..., function_name: _Optional[str] = ..., results: _Optional[_Iterable[_Union[JobResult, _Mapping]]] = ...) -> None: ...
+    ref: RequestRef
+    def __init__(self, batch_id: _Optional[str] = ..., function_name: _Optional[str] = ..., results: _Optional[_Iterable[_Union[JobResult, _Mapping]]] = ..., ref: _Optional[_Union[RequestRef, _Mapping]] = ...) -> None: ...
 
 class WorkerEvent(_message.Message):
     __slots__ = ("event_type", "payload_json")

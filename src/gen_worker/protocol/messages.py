@@ -267,6 +267,8 @@ class BatchResult(_Msg, tag="batch_result"):
     batch_id: str
     function_name: str = ""
     results: list[JobResult] = []
+    #: The batch run's own request position (request_id = batch_id), for acks and resumes.
+    ref: RequestRef | None = None
 
 
 class WorkerEvent(_Msg, tag="worker_event"):

@@ -23,6 +23,7 @@ from gen_worker.engine import Codec, Engine, RequestMeta, RequestRun
 from gen_worker.logs import log
 from gen_worker.protocol import messages as m
 from gen_worker.runtime import core_types as ct
+from gen_worker.runtime.batches import BatchPlan, batch_result, plan_batch
 from gen_worker.runtime.core import WorkerCore
 from gen_worker.runtime.messages import function_infos, host_info, outcome_message
 from gen_worker.transport.stream import StreamClosed, WorkerStream, connect
@@ -66,7 +67,10 @@ class Worker:
         *,
         connect_stream: Connect = connect,
         rng: random.Random | None = None,
+        verify_token: Callable[[str], Awaitable[Any]] | None = None,
     ) -> None:
+        #: Checks a rotated token before it is used (JWKS verification when configured).
+        self.verify_token = verify_token
         self.core = WorkerCore(config, rng or random.Random())
         self.identity = identity
         self.endpoint = endpoint
@@ -155,6 +159,8 @@ class Worker:
             case ct.DisarmWatchdog():
                 self._cancel_timer("watchdog")
                 self._on_registered()
+            case ct.StartJob(request_id=rid, attempt=attempt, payload=BatchPlan() as plan):
+                self._start_batch((rid, attempt), plan)
             case ct.StartJob(request_id=rid, attempt=attempt, payload=job):
                 self._start_job((rid, attempt), job)
             case ct.ReplayResult(payload=payload):
@@ -239,7 +245,7 @@ class Worker:
 
     # -- messages from the scheduler -----------------------------------------------------------
 
-    def _on_message(self, message: m.SchedulerMessage) -> None:  # noqa: C901, PLR0912  # one case per kind
+    def _on_message(self, message: m.SchedulerMessage) -> None:  # noqa: C901  # one case per kind
         match message:
             case m.RegistrationAck(heartbeat_interval_s=interval, resume=resume):
                 done = tuple((r.request_id, r.attempt_epoch, r.received_count - 1) for r in resume)
@@ -253,23 +259,53 @@ class Worker:
                     )
             case m.JobRequest():
                 self.handle(ct.JobReceived(message.request_id, message.attempt_epoch, message))
-            case m.BatchJobRequest(items=items):
-                for item in items:
-                    self.handle(ct.JobReceived(item.request_id, item.attempt_epoch, item))
+            case m.BatchJobRequest():
+                self._on_batch(message)
             case m.Interrupt():
                 self._on_interrupt(message)
             case m.Drain(deadline_s=deadline):
                 self.handle(ct.DrainRequested(deadline if deadline > 0 else None))
             case m.EndpointConfig(disabled_functions=disabled):
-                self._disabled = set(disabled)
+                self._on_endpoint_config(set(disabled))
             case m.RuntimeBatchingConfig(function_name=name, preferred_batch_size=size):
                 self._on_batching(name, size)
             case m.LoadModel(model_id=model) | m.UnloadModel(model_id=model):
                 self._write(_model_unsupported(message, model))
             case m.SchedulerEvent(event_type="jwt.rotated", jwt=token) if token:
-                self.identity.token = token  # used by the next connection
+                self._spawn(self._rotate_token(token))
             case _:
                 log("debug", "scheduler message ignored", kind=type(message).__name__)
+
+    def _on_batch(self, batch: m.BatchJobRequest) -> None:
+        """One call along batch_dimension when the items allow it, else each item alone."""
+        plan = plan_batch(self.engine, self.endpoint.lock, batch)
+        if plan is None:
+            for item in batch.items:
+                self.handle(ct.JobReceived(item.request_id, item.attempt_epoch, item))
+            return
+        self.handle(ct.JobReceived(batch.batch_id, 0, plan))
+
+    def _on_endpoint_config(self, disabled: set[str]) -> None:
+        """Disabled functions refuse requests; say so, and clear functions enabled again."""
+        known = {spec.name for spec in self.engine.functions}
+        for name in sorted((disabled ^ self._disabled) & known):
+            available = name not in disabled
+            reason = "" if available else "disabled by the endpoint config"
+            self._write(
+                m.FunctionAvailability(function_name=name, available=available, reason=reason)
+            )
+        self._disabled = disabled
+
+    async def _rotate_token(self, token: str) -> None:
+        """Use a rotated token for the next connection, once it passes local verification."""
+        if self.verify_token is not None:
+            try:
+                await self.verify_token(token)
+            except Exception as exc:  # keep the old token; the message never holds the token
+                log("error", "jwt rotation refused", reason=type(exc).__name__, detail=str(exc))
+                return
+        self.identity.token = token
+        log("info", "jwt rotated", worker_id=self.identity.worker_id)
 
     def _on_interrupt(self, message: m.Interrupt) -> None:
         attempt = None if message.any_attempt else message.attempt_epoch
@@ -338,6 +374,39 @@ class Worker:
         await run.stopped.wait()
         self._runs.pop(key, None)
         self.handle(ct.JobStopped(key[0], key[1]))
+
+    def _start_batch(self, key: ct.RequestKey, plan: BatchPlan) -> None:
+        meta = RequestMeta(request_id=plan.batch.batch_id, codec=Codec.MSGPACK)
+        try:
+            run = self.engine.start(plan.spec, plan.payload, meta)
+        except Exception as exc:
+            self._finish_batch(key, plan, None, str(exc), 0)
+            return
+        self._runs[key] = run
+        self._spawn(self._pump_batch(key, run, plan))
+
+    async def _pump_batch(self, key: ct.RequestKey, run: RequestRun, plan: BatchPlan) -> None:
+        ref = m.RequestRef(request_id=plan.batch.batch_id)
+        async for outcome in run.channel:
+            if outcome is run.channel.terminal:
+                self._finish_batch(key, plan, outcome, "", outcome.seq)
+                break
+            message = outcome_message(
+                outcome, msgspec.structs.replace(ref, seq=outcome.seq), streaming=False
+            )
+            self.handle(ct.OutcomeProduced(key[0], key[1], outcome.seq, False, message))
+        await run.stopped.wait()
+        self._runs.pop(key, None)
+        self.handle(ct.JobStopped(key[0], key[1]))
+
+    def _finish_batch(
+        self, key: ct.RequestKey, plan: BatchPlan, terminal: Any, error: str, seq: int
+    ) -> None:
+        ref = m.RequestRef(request_id=plan.batch.batch_id, seq=seq)
+        message = batch_result(plan, terminal, error, ref)
+        self.handle(ct.OutcomeProduced(key[0], key[1], seq, True, message))
+        if terminal is None:
+            self.handle(ct.JobStopped(key[0], key[1]))
 
     def _cancel(self, key: ct.RequestKey) -> None:
         run = self._runs.get(key)

@@ -26,7 +26,7 @@ from gen_worker.transport.stream import (
 
 __all__ = ["MockScheduler", "RequestRecord", "WorkerConnection"]
 
-Terminal = m.JobResult | m.StreamDone | m.StreamError
+Terminal = m.JobResult | m.StreamDone | m.StreamError | m.BatchResult
 _REQUEST_MESSAGES = (m.JobEvent, m.JobDelta, m.JobResult, m.StreamDone, m.StreamError)
 
 
@@ -36,6 +36,8 @@ class RequestRecord:
 
     job: m.JobRequest
     worker_id: str
+    #: What to send again if the worker reconnects without it (the job, or its whole batch).
+    resend: Any = None
     outcomes: dict[int, Any] = field(default_factory=dict)
     duplicates: int = 0
     terminal: Terminal | None = None
@@ -114,6 +116,7 @@ class MockScheduler:
         self.workers: dict[str, WorkerConnection] = {}
         self.records: dict[tuple[str, int], RequestRecord] = {}
         self.orphans: list[Any] = []
+        self.batches: dict[str, RequestRecord] = {}
         self.rejected_sessions = 0
         self._dirty: dict[str, set[tuple[str, int]]] = {}
         self._server: SchedulerServer | None = None
@@ -224,13 +227,16 @@ class MockScheduler:
                          item_id=str(i), item_index=i)
             for i, p in enumerate(payloads)
         ]  # fmt: skip
-        records = [RequestRecord(job=item, worker_id=conn.worker_id) for item in items]
-        for record in records:
+        batch = m.BatchJobRequest(batch_id=batch_id, function_name=function_name, items=items)
+        records = [
+            RequestRecord(job=item, worker_id=conn.worker_id, resend=batch) for item in items
+        ]
+        # The batch itself: a merged run reports its events and its BatchResult under its id.
+        whole = m.JobRequest(request_id=batch_id, function_name=function_name)
+        self.batches[batch_id] = RequestRecord(job=whole, worker_id=conn.worker_id, resend=batch)
+        for record in [*records, self.batches[batch_id]]:
             self.records[record.key] = record
-        await self.send(
-            m.BatchJobRequest(batch_id=batch_id, function_name=function_name, items=items),
-            conn.worker_id,
-        )
+        await self.send(batch, conn.worker_id)
         return records
 
     async def interrupt(
@@ -315,9 +321,12 @@ class MockScheduler:
             await session.send(self.endpoint_config)
         # Job requests the worker does not list may never have reached it: send them again.
         running = {(a.request_id, a.attempt_epoch) for a in reg.assignments}
+        resent: set[int] = set()
         for record in mine:
-            if record.key not in running and not record.outcomes:
-                await session.send(record.job)
+            again = record.resend if record.resend is not None else record.job
+            if record.key not in running and not record.outcomes and id(again) not in resent:
+                resent.add(id(again))
+                await session.send(again)
         conn.session = session
         conn.connected.set()
         self._notify(reg.worker_id, reg)
@@ -332,6 +341,8 @@ class MockScheduler:
         elif isinstance(message, m.BatchResult):
             for result in message.results:
                 self._record(conn, result)
+            if message.ref is not None:
+                self._record(conn, message)
         elif isinstance(message, m.Heartbeat):
             conn.heartbeats.append(message)
         elif isinstance(message, m.WorkerEvent):
@@ -353,7 +364,7 @@ class MockScheduler:
             return
         record.outcomes[ref.seq] = message
         self._dirty.setdefault(conn.worker_id, set()).add(record.key)
-        if isinstance(message, m.JobResult | m.StreamDone | m.StreamError):
+        if isinstance(message, m.JobResult | m.StreamDone | m.StreamError | m.BatchResult):
             if record.terminal is None:
                 record.terminal = message
                 record.done.set()
