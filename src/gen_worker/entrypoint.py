@@ -135,6 +135,7 @@ async def run_inference(settings: WorkerSettings) -> int:
         endpoint,
         _engine(settings, endpoint),
         verify_token=_token_verifier(settings),
+        heartbeat_interval_s=settings.heartbeat_interval_s,
     )
     return await worker.run()
 

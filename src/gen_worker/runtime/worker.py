@@ -68,7 +68,10 @@ class Worker:
         connect_stream: Connect = connect,
         rng: random.Random | None = None,
         verify_token: Callable[[str], Awaitable[Any]] | None = None,
+        heartbeat_interval_s: float = 10.0,
     ) -> None:
+        #: Used when the scheduler's acknowledgement does not set an interval.
+        self.heartbeat_interval_s = heartbeat_interval_s
         #: Checks a rotated token before it is used (JWKS verification when configured).
         self.verify_token = verify_token
         self.core = WorkerCore(config, rng or random.Random())
