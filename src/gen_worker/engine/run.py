@@ -116,6 +116,10 @@ class RequestRun:
 
     def cancel(self, *, timeout: bool = False) -> bool:
         """Cancel now (on the loop thread); False when the request had already ended."""
+        if self.is_finished:
+            return False
+        reason = "timeout" if timeout else "canceled"
+        self.channel.event("request.canceled", {"function_name": self.spec.name, "reason": reason})
         timing = self._timing_ms()
         rid = self.request_id
         ended = self.channel.finish(

@@ -21,12 +21,14 @@ __all__ = ["failure_message", "function_infos", "host_info", "outcome_message"]
 _encode = msgspec.json.Encoder().encode
 
 
-def outcome_message(outcome: Outcome, ref: m.RequestRef, *, streaming: bool) -> Any:
+def outcome_message(
+    outcome: Outcome, ref: m.RequestRef, *, streaming: bool, delta_count: int = 0
+) -> Any:
     """The wire message for one engine outcome of a request."""
     if isinstance(outcome, Delta):
         return m.JobDelta(ref=ref, data=outcome.data)
     if isinstance(outcome, Result | Failure):
-        return _terminal_message(outcome, ref, streaming=streaming)
+        return _terminal_message(outcome, ref, streaming=streaming, delta_count=delta_count)
     return _event_message(outcome, ref)
 
 
@@ -42,11 +44,13 @@ def _event_message(outcome: Progress | Log | Event, ref: m.RequestRef) -> m.JobE
     return m.JobEvent(ref=ref, event_type=outcome.event_type, payload_json=_encode(outcome.payload))
 
 
-def _terminal_message(outcome: Result | Failure, ref: m.RequestRef, *, streaming: bool) -> Any:
+def _terminal_message(
+    outcome: Result | Failure, ref: m.RequestRef, *, streaming: bool, delta_count: int
+) -> Any:
     if isinstance(outcome, Failure):
         return failure_message(outcome, ref, streaming=streaming)
     if streaming:
-        return m.StreamDone(ref=ref, timing_ms=outcome.timing_ms)
+        return m.StreamDone(ref=ref, delta_count=delta_count, timing_ms=outcome.timing_ms)
     return m.JobResult(ref=ref, success=True, output=outcome.output, timing_ms=outcome.timing_ms)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from gen_worker.discovery.endpoint import LoadedEndpoint
-from gen_worker.engine import Codec, Engine, RequestMeta, RequestRun
+from gen_worker.engine import Codec, Engine, RequestMeta, RequestRun, Result
 from gen_worker.logs import log
 from gen_worker.protocol import messages as m
 from gen_worker.runtime import core_types as ct
@@ -88,6 +88,8 @@ class Worker:
         self._pending_events: list[m.WorkerEvent] = []
         self._exit: asyncio.Future[int] | None = None
         self.canceled = 0
+        #: Requests that finished successfully while draining (the drain result reports it).
+        self.completed = 0
 
     # -- running --------------------------------------------------------------------------------
 
@@ -181,7 +183,12 @@ class Worker:
                 self._timer("final", delay, ct.FinalDeadline())
             case ct.SendDrainResult(canceled=canceled, undelivered=undelivered):
                 self._write(
-                    m.DrainResult(canceled=canceled, undelivered=undelivered, reason="drained")
+                    m.DrainResult(
+                        completed=self.completed,
+                        canceled=canceled,
+                        undelivered=undelivered,
+                        reason="drained",
+                    )
                 )
             case ct.CloseStream():
                 self._write(_CLOSE)
@@ -369,10 +376,12 @@ class Worker:
         self, key: ct.RequestKey, run: RequestRun, ref: m.RequestRef, streaming: bool
     ) -> None:
         async for outcome in run.channel:
-            message = outcome_message(
-                outcome, msgspec.structs.replace(ref, seq=outcome.seq), streaming=streaming
-            )
+            at = msgspec.structs.replace(ref, seq=outcome.seq)
+            count = run.channel.delta_count
+            message = outcome_message(outcome, at, streaming=streaming, delta_count=count)
             terminal = outcome is run.channel.terminal
+            if terminal and self.core.draining and isinstance(outcome, Result):
+                self.completed += 1
             self.handle(ct.OutcomeProduced(key[0], key[1], outcome.seq, terminal, message))
         await run.stopped.wait()
         self._runs.pop(key, None)
@@ -467,11 +476,11 @@ class Worker:
 
     def _on_registered(self) -> None:
         """The first acknowledged registration: report the startup phases held until now."""
+        pending, self._pending_events = self._pending_events, []
+        for event in pending:  # the phases before registration come first, in order
+            self._write(event)
         self.worker_event("worker.startup.phase", {"phase": "registered"})
         self.worker_event("worker.startup.phase", {"phase": "ready"})
-        pending, self._pending_events = self._pending_events, []
-        for event in pending:
-            self._write(event)
 
     # -- the end ----------------------------------------------------------------------------------
 

@@ -361,6 +361,8 @@ class MockScheduler:
             return
         if ref.seq in record.outcomes:
             record.duplicates += 1
+            # A resend means our acknowledgement was lost: acknowledge again.
+            self._dirty.setdefault(conn.worker_id, set()).add(record.key)
             return
         record.outcomes[ref.seq] = message
         self._dirty.setdefault(conn.worker_id, set()).add(record.key)

@@ -106,6 +106,23 @@ class WorkerStream:
         await self._channel.close(grace=None)
 
 
+async def _ready_or_refused(channel: grpc.aio.Channel) -> None:
+    """Wait until the channel is connected; fail at the first failed attempt.
+
+    ``channel_ready()`` keeps retrying a refused address until its timeout, which would make
+    every failed dial as slow as the timeout and delay trying the next scheduler address; the
+    worker's own back-off decides when to try again.
+    """
+    state = channel.get_state(try_to_connect=True)
+    while state is not grpc.ChannelConnectivity.READY:
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            raise ConnectionRefusedError("the scheduler address refused the connection")
+        if state is grpc.ChannelConnectivity.SHUTDOWN:
+            raise ConnectionRefusedError("the channel was shut down")
+        await channel.wait_for_state_change(state)
+        state = channel.get_state(try_to_connect=True)
+
+
 async def connect(address: str, *, tls: bool, token: str, timeout_s: float = 10.0) -> WorkerStream:
     """Open the stream to ``address`` (``host:port``), sending the token as bearer metadata."""
     if tls:
@@ -113,8 +130,8 @@ async def connect(address: str, *, tls: bool, token: str, timeout_s: float = 10.
     else:
         channel = grpc.aio.insecure_channel(address, _OPTIONS)
     try:
-        await asyncio.wait_for(channel.channel_ready(), timeout_s)
-    except (TimeoutError, grpc.aio.AioRpcError) as exc:
+        await asyncio.wait_for(_ready_or_refused(channel), timeout_s)
+    except (TimeoutError, grpc.aio.AioRpcError, ConnectionRefusedError) as exc:
         await channel.close(grace=None)
         raise StreamClosed("broken", f"cannot reach {address} ({type(exc).__name__})") from None
     method: Any = channel.stream_stream(CONNECT_METHOD)  # bytes in, bytes out
@@ -131,11 +148,15 @@ class SchedulerSession:
     def __init__(self, request_iterator: AsyncIterator[bytes], context: Any) -> None:
         self._requests = request_iterator
         self._context = context
+        # grpc.aio allows one write at a time per call; several tasks may send at once.
+        self._write_lock = asyncio.Lock()
         self.metadata = dict(context.invocation_metadata() or ())
         self.peer: str = context.peer()
 
     async def send(self, message: SchedulerMessage) -> None:
-        await self._context.write(scheduler_to_pb(message))
+        data = scheduler_to_pb(message)
+        async with self._write_lock:
+            await self._context.write(data)
 
     async def __aiter__(self) -> AsyncIterator[WorkerMessage]:
         async for data in self._requests:
