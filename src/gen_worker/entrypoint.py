@@ -21,11 +21,10 @@ from gen_worker.config import WorkerSettings, load_worker_settings, tls_for
 from gen_worker.discovery.endpoint import LoadedEndpoint, load_from_lock
 from gen_worker.engine import Engine, resolve_concurrency
 from gen_worker.errors import GenWorkerError
-from gen_worker.files import LocalOutputSink
+from gen_worker.files import AssetFetcher, LocalOutputSink
 from gen_worker.logs import log
 from gen_worker.runtime import core_types as ct
 from gen_worker.runtime.worker import Identity, Worker
-from gen_worker.transport.jwt import JwtClaims, unverified_claims, verify_worker_jwt
 
 __all__ = ["main", "run_inference"]
 
@@ -47,6 +46,9 @@ def _preflight(settings: WorkerSettings) -> None:
 
 
 async def _identity(settings: WorkerSettings, address: str) -> Identity:
+    # PyJWT and cryptography cost ~0.25 s to import: only load them when a token is a JWT.
+    from gen_worker.transport.jwt import JwtClaims, unverified_claims, verify_worker_jwt  # noqa: PLC0415
+
     token = settings.worker_jwt or ""  # required in inference mode: settings checked it
     if settings.jwks_url:
         claims = await verify_worker_jwt(
@@ -78,6 +80,8 @@ def _token_verifier(settings: WorkerSettings) -> Callable[[str], Awaitable[Any]]
         return None
 
     async def verify(token: str) -> Any:
+        from gen_worker.transport.jwt import verify_worker_jwt  # noqa: PLC0415  # slow import
+
         return await verify_worker_jwt(
             token, jwks_url=jwks_url, issuer=settings.jwt_issuer, audience=settings.jwt_audience
         )
@@ -111,6 +115,11 @@ def _engine(settings: WorkerSettings, endpoint: LoadedEndpoint) -> Engine:
             settings.engine, endpoint.lock.resources.get("max_inflight_requests")
         ),
         outputs=lambda rid: LocalOutputSink(outputs, rid, max_upload_bytes=limit),
+        # Input files by URL, public hosts only (the dev runner allows local ones).
+        assets=AssetFetcher(
+            Path(settings.tensorhub_cache_dir) / "inputs",
+            max_bytes=settings.engine.max_input_file_bytes,
+        ),
     )
 
 

@@ -16,14 +16,18 @@ import mimetypes
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from gen_worker.authoring import Asset
 from gen_worker.errors import GenWorkerError, RetryableError, ValidationError
 from gen_worker.files.hashing import Digest, HashingWriter, hash_file
 from gen_worker.files.refs import check_relative_ref, check_request_id
 from gen_worker.files.urls import check_public_host, display_url, parse_input_url, safe_name
+
+if TYPE_CHECKING:
+    # httpx is imported where it is used: importing it costs ~0.5 s at startup (it pulls in
+    # its CLI's dependencies when they are installed), and most workers never fetch a URL.
+    import httpx
 
 __all__ = ["DEFAULT_MAX_INPUT_FILE_BYTES", "AssetFetcher"]
 
@@ -48,6 +52,8 @@ def _status_error(status: int, shown: str) -> GenWorkerError | None:
 
 
 def _request_error(exc: httpx.RequestError, shown: str) -> GenWorkerError:
+    import httpx  # noqa: PLC0415  # deferred: see the module's imports
+
     # Only the exception's type is shown: its text is the transport's, never the caller's.
     if isinstance(exc, httpx.TimeoutException):
         return RetryableError(f"input file {shown}: the download timed out")
@@ -96,8 +102,17 @@ class AssetFetcher:
         self._allow_private_hosts = allow_private_hosts
         self._local_root = Path(local_refs_root).resolve() if local_refs_root else None
         self._owns_client = client is None
+        self._timeout_s = timeout_s
         # Redirects are followed by hand (see _download) so each hop is checked.
-        self._client = client if client is not None else httpx.AsyncClient(timeout=timeout_s)
+        self._client_given = client
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        if self._client_given is None:
+            import httpx  # noqa: PLC0415  # deferred: see the module's imports
+
+            self._client_given = httpx.AsyncClient(timeout=self._timeout_s)
+        return self._client_given
 
     async def fetch(self, asset: Asset, request_id: str, index: int) -> None:
         """Make ``asset`` available on this machine and fill in its local path and digests."""
@@ -136,8 +151,8 @@ class AssetFetcher:
 
     async def aclose(self) -> None:
         """Close the HTTP client if this fetcher created it."""
-        if self._owns_client:
-            await self._client.aclose()
+        if self._owns_client and self._client_given is not None:
+            await self._client_given.aclose()
 
     # -- downloads ----------------------------------------------------------------------
 
@@ -148,6 +163,8 @@ class AssetFetcher:
         _fill(asset, final.resolve(), digest, content_type)
 
     async def _download(self, url: httpx.URL, final: Path) -> tuple[Digest, str | None]:
+        import httpx  # noqa: PLC0415  # deferred: see the module's imports
+
         for _ in range(_MAX_REDIRECTS + 1):
             if not self._allow_private_hosts:
                 await check_public_host(url)

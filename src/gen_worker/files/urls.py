@@ -16,8 +16,7 @@ import ipaddress
 import re
 import socket
 from pathlib import PurePosixPath
-
-import httpx
+from typing import TYPE_CHECKING
 
 from gen_worker.errors import RetryableError, ValidationError
 
@@ -39,6 +38,10 @@ _NOT_PUBLIC_FLAGS = (
 _NO_SUCH_HOST = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
+if TYPE_CHECKING:
+    import httpx  # imported where used: it is slow to import (see files/assets.py)
+
+
 def display_url(url: httpx.URL) -> str:
     """``scheme://host[:port]/path``: no credentials, no query string, no fragment."""
     port = f":{url.port}" if url.port is not None else ""
@@ -50,6 +53,8 @@ def display_url(url: httpx.URL) -> str:
 
 
 def parse_input_url(text: str) -> httpx.URL:
+    import httpx  # noqa: PLC0415  # deferred: slow to import
+
     """Parse an input URL with httpx's own parser (the one that will fetch it), http(s) only.
 
     Using the fetching client's parser means the host checked is the host contacted.
