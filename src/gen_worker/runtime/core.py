@@ -270,7 +270,13 @@ class WorkerCore:
         req = self._requests.get(key)
         if req is None:
             return  # already forgotten: a late or repeated acknowledgement
-        req.outcomes = [o for o in req.outcomes if o.seq > through_seq]
+        # Buffered outcomes are in seq order: drop the acknowledged prefix (no rebuild per ack).
+        outcomes = req.outcomes
+        cut = 0
+        while cut < len(outcomes) and outcomes[cut].seq <= through_seq:
+            cut += 1
+        if cut:
+            del outcomes[:cut]
         req.last_sent = max(req.last_sent, through_seq)
         self._forget_if_done(key, req)
 

@@ -114,7 +114,7 @@ class Worker:
 
     def worker_event(self, event_type: str, payload: dict[str, Any]) -> None:
         """A worker-level event: logged now, sent once a stream is registered."""
-        log("info", event_type, **payload)
+        log("error" if event_type == "worker.fatal" else "info", event_type, **payload)
         event = m.WorkerEvent(event_type=event_type, payload_json=msgspec.json.encode(payload))
         if self._link is not None and self.core.registered:
             self._write(event)

@@ -48,13 +48,13 @@ class RequestRecord:
     def key(self) -> tuple[str, int]:
         return (self.job.request_id, self.job.attempt_epoch)
 
-    @property
-    def received_count(self) -> int:
-        """How many outcomes from seq 0 on arrived without a gap."""
-        count = 0
-        while count in self.outcomes:
-            count += 1
-        return count
+    #: How many outcomes from seq 0 on arrived without a gap (kept up to date by ``add``).
+    received_count: int = 0
+
+    def add(self, seq: int, message: Any) -> None:
+        self.outcomes[seq] = message
+        while self.received_count in self.outcomes:
+            self.received_count += 1
 
     def ordered(self) -> list[Any]:
         return [self.outcomes[s] for s in sorted(self.outcomes)]
@@ -364,7 +364,7 @@ class MockScheduler:
             # A resend means our acknowledgement was lost: acknowledge again.
             self._dirty.setdefault(conn.worker_id, set()).add(record.key)
             return
-        record.outcomes[ref.seq] = message
+        record.add(ref.seq, message)
         self._dirty.setdefault(conn.worker_id, set()).add(record.key)
         if isinstance(message, m.JobResult | m.StreamDone | m.StreamError | m.BatchResult):
             if record.terminal is None:
