@@ -192,3 +192,18 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
         assert fresh == committed, (
             f"{name} is stale: regenerate it (see the header of worker.proto)"
         )
+
+
+def test_batch_frames_carry_several_messages_in_order() -> None:
+    from gen_worker.protocol.convert import worker_batch_to_pb, worker_messages_from_pb
+
+    messages = [
+        m.JobDelta(ref=m.RequestRef(request_id="r", seq=i), data=bytes([i % 256]) * (i % 7))
+        for i in range(300)
+    ]
+    frame = worker_batch_to_pb([worker_to_pb(x) for x in messages])
+    assert worker_messages_from_pb(frame) == messages
+    single = worker_to_pb(messages[5])
+    assert worker_messages_from_pb(single) == [messages[5]]
+    with pytest.raises(ProtocolError, match="malformed WorkerMessage"):
+        worker_messages_from_pb(b"\xff\xff")

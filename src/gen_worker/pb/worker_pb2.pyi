@@ -364,8 +364,14 @@ class WorkerEvent(_message.Message):
     payload_json: bytes
     def __init__(self, event_type: _Optional[str] = ..., payload_json: _Optional[bytes] = ...) -> None: ...
 
+class WorkerMessages(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[WorkerMessage]
+    def __init__(self, items: _Optional[_Iterable[_Union[WorkerMessage, _Mapping]]] = ...) -> None: ...
+
 class WorkerMessage(_message.Message):
-    __slots__ = ("registration", "heartbeat", "job_result", "job_event", "job_delta", "stream_done", "stream_error", "load_model_result", "unload_model_result", "url_refresh_request", "batching_config_result", "function_availability", "drain_result", "batch_result", "worker_event")
+    __slots__ = ("registration", "heartbeat", "job_result", "job_event", "job_delta", "stream_done", "stream_error", "load_model_result", "unload_model_result", "url_refresh_request", "batching_config_result", "function_availability", "drain_result", "batch_result", "worker_event", "batch")
     REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     JOB_RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -381,6 +387,7 @@ class WorkerMessage(_message.Message):
     DRAIN_RESULT_FIELD_NUMBER: _ClassVar[int]
     BATCH_RESULT_FIELD_NUMBER: _ClassVar[int]
     WORKER_EVENT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     registration: WorkerRegistration
     heartbeat: Heartbeat
     job_result: JobResult
@@ -396,7 +403,8 @@ class WorkerMessage(_message.Message):
     drain_result: DrainResult
     batch_result: BatchResult
     worker_event: WorkerEvent
-    def __init__(self, registration: _Optional[_Union[WorkerRegistration, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., job_result: _Optional[_Union[JobResult, _Mapping]] = ..., job_event: _Optional[_Union[JobEvent, _Mapping]] = ..., job_delta: _Optional[_Union[JobDelta, _Mapping]] = ..., stream_done: _Optional[_Union[StreamDone, _Mapping]] = ..., stream_error: _Optional[_Union[StreamError, _Mapping]] = ..., load_model_result: _Optional[_Union[ModelCommandResult, _Mapping]] = ..., unload_model_result: _Optional[_Union[ModelCommandResult, _Mapping]] = ..., url_refresh_request: _Optional[_Union[ModelUrlRefreshRequest, _Mapping]] = ..., batching_config_result: _Optional[_Union[RuntimeBatchingConfigResult, _Mapping]] = ..., function_availability: _Optional[_Union[FunctionAvailability, _Mapping]] = ..., drain_result: _Optional[_Union[DrainResult, _Mapping]] = ..., batch_result: _Optional[_Union[BatchResult, _Mapping]] = ..., worker_event: _Optional[_Union[WorkerEvent, _Mapping]] = ...) -> None: ...
+    batch: WorkerMessages
+    def __init__(self, registration: _Optional[_Union[WorkerRegistration, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., job_result: _Optional[_Union[JobResult, _Mapping]] = ..., job_event: _Optional[_Union[JobEvent, _Mapping]] = ..., job_delta: _Optional[_Union[JobDelta, _Mapping]] = ..., stream_done: _Optional[_Union[StreamDone, _Mapping]] = ..., stream_error: _Optional[_Union[StreamError, _Mapping]] = ..., load_model_result: _Optional[_Union[ModelCommandResult, _Mapping]] = ..., unload_model_result: _Optional[_Union[ModelCommandResult, _Mapping]] = ..., url_refresh_request: _Optional[_Union[ModelUrlRefreshRequest, _Mapping]] = ..., batching_config_result: _Optional[_Union[RuntimeBatchingConfigResult, _Mapping]] = ..., function_availability: _Optional[_Union[FunctionAvailability, _Mapping]] = ..., drain_result: _Optional[_Union[DrainResult, _Mapping]] = ..., batch_result: _Optional[_Union[BatchResult, _Mapping]] = ..., worker_event: _Optional[_Union[WorkerEvent, _Mapping]] = ..., batch: _Optional[_Union[WorkerMessages, _Mapping]] = ...) -> None: ...
 
 class RegistrationAck(_message.Message):
     __slots__ = ("accepted", "heartbeat_interval_s", "resume", "worker_id")

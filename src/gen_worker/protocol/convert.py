@@ -27,7 +27,9 @@ __all__ = [
     "ProtocolError",
     "scheduler_from_pb",
     "scheduler_to_pb",
+    "worker_batch_to_pb",
     "worker_from_pb",
+    "worker_messages_from_pb",
     "worker_to_pb",
 ]
 
@@ -177,6 +179,39 @@ def worker_to_pb(message: WorkerMessage) -> bytes:
 def worker_from_pb(data: bytes) -> WorkerMessage:
     message: WorkerMessage = _from_envelope(data, worker_pb2.WorkerMessage, _WORKER_TYPES)
     return message
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# Field 16 of WorkerMessage (the batch) and field 1 of WorkerMessages (an item), both
+# length-delimited: the frame is built from already serialized messages without re-parsing.
+_BATCH_TAG = _varint((16 << 3) | 2)
+_ITEM_TAG = _varint((1 << 3) | 2)
+
+
+def worker_batch_to_pb(encoded: list[bytes]) -> bytes:
+    """One ``WorkerMessage`` frame holding several serialized ``WorkerMessage``s, in order."""
+    inner = b"".join(_ITEM_TAG + _varint(len(item)) + item for item in encoded)
+    return _BATCH_TAG + _varint(len(inner)) + inner
+
+
+def worker_messages_from_pb(data: bytes) -> list[WorkerMessage]:
+    """The messages of one frame: a single message, or every item of a batch frame."""
+    pb = worker_pb2.WorkerMessage()
+    try:
+        pb.ParseFromString(data)
+    except DecodeError as exc:
+        raise ProtocolError(f"malformed WorkerMessage: {exc}") from None
+    if pb.WhichOneof("msg") != "batch":
+        return [worker_from_pb(data)]
+    return [worker_from_pb(item.SerializeToString()) for item in pb.batch.items]
 
 
 def scheduler_to_pb(message: SchedulerMessage) -> bytes:

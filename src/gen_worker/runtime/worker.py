@@ -32,6 +32,7 @@ __all__ = ["Identity", "Worker"]
 
 Connect = Callable[..., Awaitable[WorkerStream]]
 _CLOSE = object()  # the writer's "flush, then close the stream" marker
+_MAX_FRAME = 512  # messages per frame: bounds one write's size and latency
 
 
 @dataclass
@@ -218,14 +219,20 @@ class Worker:
 
     async def _writer(self, link: _Link) -> None:
         while True:
-            message = await link.outbox.get()
-            if message is _CLOSE:
-                await self._drop(link, None)
-                return
+            batch = [await link.outbox.get()]
+            # Whatever queued up meanwhile goes in the same frame (order kept, close last).
+            while batch[-1] is not _CLOSE and not link.outbox.empty() and len(batch) < _MAX_FRAME:
+                batch.append(link.outbox.get_nowait())
+            closing = batch[-1] is _CLOSE
+            messages = batch[:-1] if closing else batch
             try:
-                await link.stream.send(message)
+                if messages:
+                    await link.stream.send_many(messages)
             except StreamClosed as exc:
                 await self._drop(link, exc)
+                return
+            if closing:
+                await self._drop(link, None)
                 return
 
     async def _reader(self, link: _Link) -> None:
@@ -245,11 +252,13 @@ class Worker:
         if self._link is link:
             self._link = None
         current = asyncio.current_task()
+        # Close (half-close, let the scheduler take the last frames) before cancelling the
+        # reader: cancelling a pending grpc read can cancel the whole call with them in flight.
+        with contextlib.suppress(Exception):
+            await link.stream.close()
         for task in link.tasks:
             if task is not current:
                 task.cancel()
-        with contextlib.suppress(Exception):
-            await link.stream.close()
         if reason is not None:
             self.handle(_closed_event(reason, dial=False))
 
@@ -505,20 +514,19 @@ class Worker:
         self._stop_heartbeat()
         link = self._link
         if link is not None:
-            # Let the writer flush what the core asked to send (the drain result) first.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_flushed(link), 2.0)
+            # The writer ends by itself after sending what was queued before the close marker
+            # (the drain result, a worker.fatal event); cancelling it sooner could lose them.
+            self._write(_CLOSE)
+            writer = link.tasks[1] if len(link.tasks) > 1 else None
+            if writer is not None:
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(writer), 3.0)
             await self._drop(link, None)
         for run in self._runs.values():
             run.cancel()
         await self.engine.shutdown(grace_s=0)
         for task in list(self._tasks):
             task.cancel()
-
-
-async def _flushed(link: _Link) -> None:
-    while not link.outbox.empty() and not link.closed:
-        await asyncio.sleep(0.01)
 
 
 def _closed_event(exc: StreamClosed, *, dial: bool) -> ct.Event:

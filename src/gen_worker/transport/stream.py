@@ -10,6 +10,7 @@ into :class:`StreamClosed` with a ``kind`` the worker decides on (``broken``, ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,7 +21,8 @@ from gen_worker.errors import GenWorkerError
 from gen_worker.protocol.convert import (
     scheduler_from_pb,
     scheduler_to_pb,
-    worker_from_pb,
+    worker_batch_to_pb,
+    worker_messages_from_pb,
     worker_to_pb,
 )
 from gen_worker.protocol.messages import SchedulerMessage, WorkerMessage
@@ -82,7 +84,16 @@ class WorkerStream:
         self._write_lock = asyncio.Lock()
 
     async def send(self, message: WorkerMessage) -> None:
-        data = worker_to_pb(message)
+        await self._write(worker_to_pb(message))
+
+    async def send_many(self, messages: list[WorkerMessage]) -> None:
+        """Send in order, as one frame when there are several."""
+        if len(messages) == 1:
+            await self._write(worker_to_pb(messages[0]))
+        else:
+            await self._write(worker_batch_to_pb([worker_to_pb(x) for x in messages]))
+
+    async def _write(self, data: bytes) -> None:
         try:
             async with self._write_lock:
                 await self._call.write(data)
@@ -101,7 +112,17 @@ class WorkerStream:
                 raise StreamClosed("broken", "the scheduler closed the stream")
             yield scheduler_from_pb(data)
 
-    async def close(self) -> None:
+    async def close(self, *, linger_s: float = 1.0) -> None:
+        """Half-close, give the scheduler ``linger_s`` to take what was written, then end."""
+        with contextlib.suppress(Exception):
+            async with self._write_lock:
+                await self._call.done_writing()
+        # Cancelling at once could drop the last frames (a drain result) still in flight: wait
+        # a moment for the scheduler to end the call after our half-close.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + linger_s
+        while not self._call.done() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         self._call.cancel()
         await self._channel.close(grace=None)
 
@@ -160,7 +181,8 @@ class SchedulerSession:
 
     async def __aiter__(self) -> AsyncIterator[WorkerMessage]:
         async for data in self._requests:
-            yield worker_from_pb(data)
+            for message in worker_messages_from_pb(data):
+                yield message
 
     async def abort(self, status: str, details: str) -> None:
         """End the stream with a gRPC status named like ``"UNAVAILABLE"``."""
