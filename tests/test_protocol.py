@@ -207,3 +207,15 @@ def test_batch_frames_carry_several_messages_in_order() -> None:
     assert worker_messages_from_pb(single) == [messages[5]]
     with pytest.raises(ProtocolError, match="malformed WorkerMessage"):
         worker_messages_from_pb(b"\xff\xff")
+
+
+def test_fast_paths_round_trip_every_field() -> None:
+    job = m.JobRequest(
+        request_id="r", function_name="f", payload=b"\x80", job_id="j", required_models=["a/b:c"],
+        timeout_ms=5, owner="o", invoker_id="i", file_base_url="u", file_token="t",
+        capability_token="c", parent_request_id="p", child_request_id="ch", item_id="it",
+        item_index=3, attempt_epoch=2, resolved_compute_json=b"{}",
+    )  # fmt: skip
+    assert scheduler_from_pb(scheduler_to_pb(job)) == job
+    result = m.JobResult(ref=REF, success=True, output=b"\x81", timing_ms={"total_ms": 1.0})
+    assert worker_from_pb(worker_to_pb(result)) == result
