@@ -50,7 +50,7 @@ class _Envelope(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class BadRequest(Exception):
-    pass
+    """The request envelope is malformed (HTTP 400)."""
 
 
 def _json(body: Any, status: int = 200) -> Response:

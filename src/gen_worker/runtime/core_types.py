@@ -304,7 +304,7 @@ class StartHeartbeat(msgspec.Struct, frozen=True, tag=True):
 
 
 class StopHeartbeat(msgspec.Struct, frozen=True, tag=True):
-    pass
+    """Stop sending heartbeats (the stream is gone)."""
 
 
 class ArmWatchdog(msgspec.Struct, frozen=True, tag=True):
@@ -314,7 +314,7 @@ class ArmWatchdog(msgspec.Struct, frozen=True, tag=True):
 
 
 class DisarmWatchdog(msgspec.Struct, frozen=True, tag=True):
-    pass
+    """The registration was acknowledged: cancel the watchdog."""
 
 
 class StartJob(msgspec.Struct, frozen=True, tag=True):
@@ -341,7 +341,7 @@ class CancelJob(msgspec.Struct, frozen=True, tag=True):
 
 
 class CancelAllJobs(msgspec.Struct, frozen=True, tag=True):
-    pass
+    """Cancel every run still active (the drain deadline passed)."""
 
 
 class ScheduleDrainDeadline(msgspec.Struct, frozen=True, tag=True):
@@ -362,7 +362,7 @@ class SendDrainResult(msgspec.Struct, frozen=True, tag=True):
 
 
 class CloseStream(msgspec.Struct, frozen=True, tag=True):
-    pass
+    """Send what is queued, then close the stream."""
 
 
 class Exit(msgspec.Struct, frozen=True, tag=True):

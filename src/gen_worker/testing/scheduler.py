@@ -271,10 +271,10 @@ class MockScheduler:
             return
         conn = await self._register(session, first)
         try:
-            async for message in messages:
-                self._receive(conn, message)
-        except Exception:  # a broken stream: the worker reconnects on its own
-            pass
+            # A broken stream ends the loop; the worker reconnects on its own.
+            with contextlib.suppress(Exception):
+                async for message in messages:
+                    self._receive(conn, message)
         finally:
             if conn.session is session:
                 conn.session = None
