@@ -86,3 +86,31 @@ def test_config_error_names_the_variable() -> None:
     assert isinstance(err, FatalError)
     assert err.variable == "WORKER_MAX_CONCURRENCY"
     assert str(err) == "WORKER_MAX_CONCURRENCY: 'x' is not an integer; use a whole number >= 1"
+
+
+def test_model_subsystem_errors_travel_with_the_right_wire_type() -> None:
+    cases = [
+        (errors.HubAuthError("resolve refused", status=403, detail="token expired"), "auth", False),
+        (errors.HubNotFoundError("no such repo", status=404), "fatal", False),
+        (errors.HubConflictError("no match", status=409), "fatal", False),
+        (errors.HubUnavailableError("hub down", status=503), "retryable", True),
+        (errors.DownloadError("gave up after 5 tries"), "retryable", True),
+        (errors.DigestMismatchError("unet/w.safetensors", "aa", "bb"), "fatal", False),
+        (errors.InsufficientDiskError("/cache", 10, 5), "resource", True),
+        (errors.UnsafePathError("../x", "'..' escapes the snapshot"), "validation", False),
+    ]
+    for err, wire, retryable in cases:
+        assert err.error_type == wire, err
+        assert err.retryable is retryable, err
+    hub = errors.HubAuthError("resolve refused", status=403, detail="token expired")
+    assert (hub.status, hub.detail, str(hub)) == (
+        403,
+        "token expired",
+        "resolve refused: token expired",
+    )
+    assert isinstance(hub, errors.AuthError) and isinstance(hub, errors.HubError)
+    mismatch = errors.DigestMismatchError("unet/w.safetensors", "aa", "bb")
+    assert str(mismatch) == "unet/w.safetensors: blake3 mismatch: expected aa, got bb"
+    disk = str(errors.InsufficientDiskError("/cache", 10, 5))
+    assert "need 10 bytes" in disk and "5 bytes free" in disk
+    assert isinstance(errors.UnsafePathError("/etc/passwd", "absolute"), ValueError)

@@ -16,6 +16,15 @@ message::
     │   └── ConfigError            fatal              no    a setting (env variable) is malformed
     ├── OutputTooLargeError        output_too_large   no    output above the byte limit
     ├── BusyError                  busy               yes   the queue of waiting requests is full
+    ├── HubError                   (per subclass)           the hub answered with an error
+    │   ├── HubAuthError           auth               no    401/403 from the hub
+    │   ├── HubNotFoundError       fatal              no    404: no such repo, tag, blob or file
+    │   ├── HubConflictError       fatal              no    409: no snapshot matches what was asked
+    │   └── HubUnavailableError    retryable          yes   5xx or the connection failed
+    ├── DownloadError              retryable          yes   a download failed after its retries
+    ├── DigestMismatchError        fatal              no    downloaded bytes did not match their digest
+    ├── InsufficientDiskError      resource           yes   not enough free disk for a download
+    ├── UnsafePathError            validation         no    a manifest path with .., / or \\
     └── DefinitionError            definition         no    the endpoint itself is wrong
         └── EndpointConfigError    definition         no    endpoint.toml is wrong
 
@@ -39,11 +48,20 @@ __all__ = [
     "DefinitionError",
     "EndpointConfigError",
     "FatalError",
+    "DigestMismatchError",
+    "DownloadError",
     "GenWorkerError",
+    "HubAuthError",
+    "HubConflictError",
+    "HubError",
+    "HubNotFoundError",
+    "HubUnavailableError",
+    "InsufficientDiskError",
     "InvalidModelRefError",
     "OutputTooLargeError",
     "ResourceError",
     "RetryableError",
+    "UnsafePathError",
     "ValidationError",
 ]
 
@@ -143,6 +161,84 @@ class OutputTooLargeError(GenWorkerError):
         )
         super().__init__(
             f"output is {size_bytes} bytes, above the limit of {max_bytes} bytes ({setting}){hint}"
+        )
+
+
+class HubError(GenWorkerError):
+    """The hub (or a file API) answered with an error.
+
+    ``status`` is the HTTP status (``None`` when no answer came), ``detail`` the server's own
+    explanation. Neither ever holds a token or a signed URL.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, detail: str = "") -> None:
+        self.status = status
+        self.detail = detail
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class HubAuthError(HubError, AuthError):
+    """401/403: the token is missing, expired or not allowed to do this."""
+
+    error_type = "auth"
+    retryable = False
+
+
+class HubNotFoundError(HubError, FatalError):
+    """404: the repo, tag, snapshot, blob or file does not exist."""
+
+    error_type = "fatal"
+    retryable = False
+
+
+class HubConflictError(HubError, FatalError):
+    """409: no snapshot of the repo matches the tag and attributes asked for."""
+
+    error_type = "fatal"
+    retryable = False
+
+
+class HubUnavailableError(HubError, RetryableError):
+    """5xx, or the connection failed; the same call may succeed later or elsewhere."""
+
+    error_type = "retryable"
+    retryable = True
+
+
+class DownloadError(RetryableError):
+    """A download failed after its bounded retries; the ``.part`` file is kept for a resume."""
+
+
+class DigestMismatchError(FatalError):
+    """Downloaded (or reassembled) bytes did not match the digest the manifest promised."""
+
+    def __init__(self, name: str, expected: str, actual: str, *, what: str = "blake3") -> None:
+        self.name = name
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"{name}: {what} mismatch: expected {expected}, got {actual}")
+
+
+class InsufficientDiskError(ResourceError):
+    """A download would not fit on the disk (after evicting what is not in use)."""
+
+    def __init__(self, path: str, needed_bytes: int, free_bytes: int) -> None:
+        self.path = path
+        self.needed_bytes = needed_bytes
+        self.free_bytes = free_bytes
+        super().__init__(
+            f"not enough disk space under {path}: need {needed_bytes} bytes, "
+            f"{free_bytes} bytes free (free space, or lower the snapshot size)"
+        )
+
+
+class UnsafePathError(ValidationError, ValueError):
+    """A manifest or output path that would escape its directory (``..``, absolute, ``\\``)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        super().__init__(
+            f"unsafe path {path!r}: {problem}; paths must be relative, use '/' and never '..'"
         )
 
 
