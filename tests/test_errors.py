@@ -114,3 +114,23 @@ def test_model_subsystem_errors_travel_with_the_right_wire_type() -> None:
     disk = str(errors.InsufficientDiskError("/cache", 10, 5))
     assert "need 10 bytes" in disk and "5 bytes free" in disk
     assert isinstance(errors.UnsafePathError("/etc/passwd", "absolute"), ValueError)
+
+
+def test_hub_error_maps_each_status_to_its_class() -> None:
+    table = {
+        401: errors.HubAuthError,
+        403: errors.HubAuthError,
+        404: errors.HubNotFoundError,
+        409: errors.HubConflictError,
+        500: errors.HubUnavailableError,
+        503: errors.HubUnavailableError,
+        None: errors.HubUnavailableError,
+    }
+    for status, cls in table.items():
+        err = errors.hub_error(status, "resolve acme/sd:latest", "why")
+        assert type(err) is cls, status
+        assert err.status == status
+    assert str(errors.hub_error(409, "resolve acme/sd:latest", "no fp16")) == (
+        "resolve acme/sd:latest (HTTP 409): no fp16"
+    )
+    assert str(errors.hub_error(None, "resolve acme/sd:latest")) == "resolve acme/sd:latest"

@@ -205,6 +205,23 @@ class HubUnavailableError(HubError, RetryableError):
     retryable = True
 
 
+def hub_error(status: int | None, message: str, detail: str = "") -> HubError:
+    """The error class an HTTP status from the hub means: 401/403 auth, 404 not found, 409
+    conflict, anything else (5xx, no answer) unavailable. ``message`` says what was being
+    done; ``detail`` is the server's own explanation."""
+    cls: type[HubError]
+    if status in (401, 403):
+        cls = HubAuthError
+    elif status in (404, 410):
+        cls = HubNotFoundError
+    elif status == 409:
+        cls = HubConflictError
+    else:
+        cls = HubUnavailableError
+    shown = f"{message} (HTTP {status})" if status is not None else message
+    return cls(shown, status=status, detail=detail)
+
+
 class DownloadError(RetryableError):
     """A download failed after its bounded retries; the ``.part`` file is kept for a resume."""
 

@@ -46,6 +46,11 @@ class LocalOutputStream:
         if self._state == "aborted":
             raise ValueError("this output stream was aborted")
 
+    @property
+    def finished(self) -> bool:
+        """True once finalized or aborted."""
+        return self._state != "open"
+
     def write(self, data: bytes) -> int:
         """Append ``data``; past WORKER_MAX_UPLOAD_BYTES the stream is aborted and raises."""
         self._check_open()
@@ -133,6 +138,10 @@ class LocalOutputSink:
         self._check_size(len(data))
         full, final = self._target(ref)
         return _as_tensors(full, format, self._write(full, final, [data]))
+
+    def path_of(self, full_ref: str) -> Path:
+        """Where the saved output ``full_ref`` (as returned in an Asset's ``ref``) lies."""
+        return self._root / full_ref
 
     # -- helpers ----------------------------------------------------------------------
 
