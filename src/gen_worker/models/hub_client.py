@@ -15,14 +15,15 @@ the ref and carry the server's explanation, never a token.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import msgspec
 
-from gen_worker.errors import HubError, ValidationError, hub_error
+from gen_worker.errors import HubConflictError, HubError, ValidationError, hub_error
 from gen_worker.models.manifest import (
     DIGEST_PREFIX,
     ManifestEntry,
@@ -36,7 +37,13 @@ from gen_worker.refs import CozyRef, parse_cozy_ref
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["HubClient", "resolve_body"]
+__all__ = ["AttributeValues", "HubClient", "attribute_choices", "resolve_body"]
+
+#: An attribute asked for: one value, or acceptable values in order of preference.
+AttributeValues = str | Sequence[str]
+# A resolve with several multi-valued attributes tries their combinations; bounded so a
+# careless request cannot turn into hundreds of calls.
+_MAX_CHOICES = 16
 
 
 class _WireEntry(msgspec.Struct):
@@ -64,6 +71,36 @@ def resolve_body(ref: CozyRef, attributes: Mapping[str, str] | None = None) -> d
     if wanted:
         return {"tag": ref.tag, "attributes": dict(sorted(wanted.items()))}
     return {"tag": ref.tag}
+
+
+def attribute_choices(attributes: Mapping[str, AttributeValues] | None) -> list[dict[str, str]]:
+    """Each single-valued combination of ``attributes``, most preferred first.
+
+    ``{"dtype": ["bf16", "fp16"]}`` -> ``[{"dtype": "bf16"}, {"dtype": "fp16"}]``. No attributes
+    -> one empty combination.
+    """
+    keys = sorted(attributes or {})
+    options: list[list[str]] = []
+    for key in keys:
+        value = (attributes or {})[key]
+        if isinstance(value, str):
+            values = [value]
+        elif isinstance(value, Sequence):
+            values = list(value)
+        else:
+            values = []
+        if not values or not all(isinstance(v, str) and v for v in values):
+            raise ValidationError(
+                f"attribute {key!r} must be a non-empty string or a list of them, got {value!r}"
+            )
+        options.append(values)
+    combos = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*options)]
+    if len(combos) > _MAX_CHOICES:
+        raise ValidationError(
+            f"attributes {dict(attributes or {})} allow {len(combos)} combinations; "
+            f"at most {_MAX_CHOICES}"
+        )
+    return combos
 
 
 def _detail(response: httpx.Response) -> str:
@@ -131,13 +168,29 @@ class HubClient:
         self,
         ref: CozyRef | str,
         *,
-        attributes: Mapping[str, str] | None = None,
+        attributes: Mapping[str, AttributeValues] | None = None,
         token: str | None = None,
     ) -> SnapshotManifest:
-        """The snapshot ``ref`` names now, with a download URL per file."""
+        """The snapshot ``ref`` names now, with a download URL per file.
+
+        With list-valued attributes each combination is tried in order of preference and the
+        first the hub can serve wins; when none can, the last 409 is raised.
+        """
+        parsed = ref if isinstance(ref, CozyRef) else parse_cozy_ref(ref, lenient=True)
+        choices = [{}] if parsed.digest is not None else attribute_choices(attributes)
+        for index, choice in enumerate(choices):
+            try:
+                return await self._resolve_once(parsed, choice, token)
+            except HubConflictError:
+                if index + 1 == len(choices):
+                    raise
+        raise AssertionError("unreachable: there is at least one choice")
+
+    async def _resolve_once(
+        self, parsed: CozyRef, attributes: Mapping[str, str], token: str | None
+    ) -> SnapshotManifest:
         import httpx  # noqa: PLC0415  # deferred: see _client
 
-        parsed = ref if isinstance(ref, CozyRef) else parse_cozy_ref(ref, lenient=True)
         url = (
             f"{self.base_url}/api/v1/inference/repos/"
             f"{quote(parsed.owner, safe='')}/{quote(parsed.repo, safe='')}/resolve"
