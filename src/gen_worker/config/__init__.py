@@ -11,14 +11,17 @@ from gen_worker.config.engine import (
     load_engine_settings,
     load_runner_settings,
 )
+from gen_worker.config.models import ModelSettings, load_model_settings
 from gen_worker.config.worker import WorkerMode, WorkerSettings, load_worker_settings, tls_for
 
 __all__ = [
     "EngineSettings",
+    "ModelSettings",
     "RunnerSettings",
     "WorkerMode",
     "WorkerSettings",
     "load_engine_settings",
+    "load_model_settings",
     "load_runner_settings",
     "load_worker_settings",
     "tls_for",
