@@ -124,11 +124,16 @@ def test_hub_error_maps_each_status_to_its_class() -> None:
         409: errors.HubConflictError,
         500: errors.HubUnavailableError,
         503: errors.HubUnavailableError,
+        429: errors.HubUnavailableError,
         None: errors.HubUnavailableError,
+        400: errors.HubError,
+        413: errors.HubError,
+        416: errors.HubError,
     }
     for status, cls in table.items():
         err = errors.hub_error(status, "resolve acme/sd:latest", "why")
         assert type(err) is cls, status
+        assert err.retryable is (cls is errors.HubUnavailableError), status
         assert err.status == status
     assert str(errors.hub_error(409, "resolve acme/sd:latest", "no fp16")) == (
         "resolve acme/sd:latest (HTTP 409): no fp16"

@@ -207,8 +207,9 @@ class HubUnavailableError(HubError, RetryableError):
 
 def hub_error(status: int | None, message: str, detail: str = "") -> HubError:
     """The error class an HTTP status from the hub means: 401/403 auth, 404 not found, 409
-    conflict, anything else (5xx, no answer) unavailable. ``message`` says what was being
-    done; ``detail`` is the server's own explanation."""
+    conflict, 5xx/408/429 or no answer at all unavailable (retryable), any other 4xx a plain
+    :class:`HubError` (our request was wrong; sending it again will not help). ``message`` says
+    what was being done; ``detail`` is the server's own explanation."""
     cls: type[HubError]
     if status in (401, 403):
         cls = HubAuthError
@@ -216,8 +217,10 @@ def hub_error(status: int | None, message: str, detail: str = "") -> HubError:
         cls = HubNotFoundError
     elif status == 409:
         cls = HubConflictError
-    else:
+    elif status is None or status >= 500 or status in (408, 425, 429):
         cls = HubUnavailableError
+    else:
+        cls = HubError
     shown = f"{message} (HTTP {status})" if status is not None else message
     return cls(shown, status=status, detail=detail)
 
