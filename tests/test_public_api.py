@@ -24,6 +24,7 @@ ROOT_API = [
 
 ERRORS_API = [
     "AuthError",
+    "BlobMissingError",
     "BusyError",
     "CanceledError",
     "ConfigError",
@@ -43,6 +44,7 @@ ERRORS_API = [
     "OutputTooLargeError",
     "ResourceError",
     "RetryableError",
+    "SnapshotInUseError",
     "UnsafePathError",
     "ValidationError",
 ]

@@ -22,9 +22,11 @@ message::
     │   ├── HubConflictError       fatal              no    409: no snapshot matches what was asked
     │   └── HubUnavailableError    retryable          yes   5xx or the connection failed
     ├── DownloadError              retryable          yes   a download failed after its retries
-    ├── DigestMismatchError        fatal              no    downloaded bytes did not match their digest
+    ├── DigestMismatchError        fatal              no    bytes did not match their digest
     ├── InsufficientDiskError      resource           yes   not enough free disk for a download
     ├── UnsafePathError            validation         no    a manifest path with .., / or \\
+    ├── BlobMissingError           retryable          yes   a snapshot's blobs are not all stored
+    ├── SnapshotInUseError         internal           no    removing a snapshot that is in use
     └── DefinitionError            definition         no    the endpoint itself is wrong
         └── EndpointConfigError    definition         no    endpoint.toml is wrong
 
@@ -42,14 +44,15 @@ from typing import ClassVar
 
 __all__ = [
     "AuthError",
+    "BlobMissingError",
     "BusyError",
     "CanceledError",
     "ConfigError",
     "DefinitionError",
-    "EndpointConfigError",
-    "FatalError",
     "DigestMismatchError",
     "DownloadError",
+    "EndpointConfigError",
+    "FatalError",
     "GenWorkerError",
     "HubAuthError",
     "HubConflictError",
@@ -61,6 +64,7 @@ __all__ = [
     "OutputTooLargeError",
     "ResourceError",
     "RetryableError",
+    "SnapshotInUseError",
     "UnsafePathError",
     "ValidationError",
 ]
@@ -260,6 +264,14 @@ class UnsafePathError(ValidationError, ValueError):
         super().__init__(
             f"unsafe path {path!r}: {problem}; paths must be relative, use '/' and never '..'"
         )
+
+
+class BlobMissingError(RetryableError):
+    """A snapshot cannot be built: blobs it needs are not in the store (fetch them first)."""
+
+
+class SnapshotInUseError(GenWorkerError):
+    """A snapshot cannot be removed: a process uses it, or it is being built."""
 
 
 class DefinitionError(GenWorkerError):
