@@ -1,0 +1,308 @@
+"""Parallel byte ranges of one large blob, and the sidecar that lets a killed download resume.
+
+The partial file is extended to the blob's size and each range is written at its own offset
+by a small pool of workers, one connection each. ``<part>.state`` (replaced atomically as
+ranges complete) lists the byte intervals known to be written, so a download that was killed
+fetches only what is missing; a partial file without a sidecar is a sequential download's
+and its bytes count from byte 0.
+
+The file is hashed from byte 0 as far as the finished ranges reach while the later ranges
+still download, so verifying it costs little after the last range lands.
+
+The first request doubles as the probe: only once a ``206`` with the right ``Content-Range``
+has come back do the other workers start, and a server that ignores ``Range`` sends the
+caller back to one stream from zero, having cost one request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from gen_worker.errors import DownloadError
+from gen_worker.models.blob_io import Cursor, Digests, PrefixHash
+from gen_worker.models.transfer import (
+    Attempts,
+    Fetcher,
+    Forbidden,
+    RangeRejected,
+    Transient,
+    describe,
+    retry_after_s,
+    transport_errors,
+)
+
+__all__ = ["completed_ranges", "fill_parallel", "state_path_of"]
+
+_PART_MODE = 0o644
+_STATE_VERSION = 1
+_CHECKPOINT_S = 0.25
+
+Interval = tuple[int, int]  # [start, end) in bytes
+
+
+class _State(msgspec.Struct, frozen=True):
+    """The sidecar's content. The digests tie it to one blob; ``done`` is sorted and merged."""
+
+    version: int
+    size_bytes: int
+    blake3: str
+    sha256: str
+    done: list[Interval]
+
+
+def state_path_of(part: Path) -> Path:
+    """``<dest>.part`` -> ``<dest>.part.state``."""
+    return part.with_name(part.name + ".state")
+
+
+def completed_ranges(state_path: Path) -> list[Interval]:
+    """The ``[start, end)`` intervals a sidecar records as written (empty if there is none)."""
+    try:
+        return list(msgspec.json.decode(state_path.read_bytes(), type=_State).done)
+    except (FileNotFoundError, msgspec.DecodeError):
+        return []
+
+
+def _merge(intervals: list[Interval]) -> list[Interval]:
+    merged: list[Interval] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _first_gap(done: list[Interval], pos: int) -> int:
+    """The first byte at or after ``pos`` that no interval of ``done`` covers."""
+    for start, end in done:
+        if start <= pos < end:
+            return end
+    return pos
+
+
+def _size_if_file(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+@dataclass(slots=True)
+class _Range:
+    start: int
+    pos: int  # first byte still missing
+    end: int
+
+
+class _Parallel:
+    def __init__(self, fetcher: Fetcher, part: Path, state: Path) -> None:
+        self.fetcher = fetcher
+        self.source = fetcher.source
+        self.policy = fetcher.policy
+        self.part = part
+        self.state = state
+        self.done: list[Interval] = []
+        self.failures: list[DownloadError] = []
+        self.ranges_ok = asyncio.Event()
+        self.hasher: PrefixHash
+        self._active: dict[int, tuple[int, Cursor]] = {}  # ranges under way: start, cursor
+        self._saved: list[Interval] | None = None
+
+    def _read_state(self) -> list[Interval] | None:
+        try:
+            state = msgspec.json.decode(self.state.read_bytes(), type=_State)
+        except (FileNotFoundError, msgspec.DecodeError):
+            return None
+        source = self.source
+        if (state.version, state.size_bytes, state.blake3, state.sha256) != (
+            _STATE_VERSION,
+            source.size_bytes,
+            source.blake3,
+            source.sha256,
+        ):
+            return None
+        if any(not 0 <= s < e <= source.size_bytes for s, e in state.done):
+            return None
+        return _merge(state.done)
+
+    def _written(self) -> list[Interval]:
+        """Every byte known to be on disk: finished ranges and the written head of the others."""
+        heads = [
+            (start, cursor.pos) for start, cursor in self._active.values() if cursor.pos > start
+        ]
+        return _merge([*self.done, *heads])
+
+    def _write_state(self) -> None:
+        written = self._written()
+        if written == self._saved:
+            return
+        source = self.source
+        data = msgspec.json.encode(
+            _State(_STATE_VERSION, source.size_bytes, source.blake3, source.sha256, written)
+        )
+        tmp = self.state.with_name(self.state.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(self.state)  # a reader sees the old list or the new one, never half
+        self._saved = written
+
+    async def _checkpoints(self) -> None:
+        """Record the ranges under way now and then, so a killed download loses seconds of
+        work rather than every range it had started; and let the hashing follow them."""
+        while True:
+            await asyncio.sleep(_CHECKPOINT_S)
+            self._write_state()
+            self.hasher.advance(_first_gap(self._written(), 0))
+
+    def _known_done(self) -> list[Interval]:
+        """What the partial file already holds, discarding anything that cannot be trusted."""
+        size = self.source.size_bytes
+        have = _size_if_file(self.part)
+        if have is None:
+            self.state.unlink(missing_ok=True)
+            return []
+        if self.state.exists():
+            done = self._read_state()
+            if done is not None and have <= size and all(e <= have for _, e in done):
+                return done
+        elif have <= size:
+            return [(0, have)] if have else []  # a sequential download's bytes, from byte 0
+        self.part.unlink()
+        self.state.unlink(missing_ok=True)
+        return []
+
+    def covered(self) -> int:
+        return sum(end - start for start, end in self._written())
+
+    async def run(self) -> tuple[int, Digests] | None:
+        self.done = self._known_done()
+        kept = self.covered()
+        # The sidecar first: a partial file extended to full size always has one.
+        self._write_state()
+        size, step = self.source.size_bytes, self.policy.range_bytes
+        todo = deque(
+            _Range(start, pos, min(start + step, size))
+            for start in range(0, size, step)
+            if (pos := _first_gap(self.done, start)) < min(start + step, size)
+        )
+        fd = os.open(self.part, os.O_RDWR | os.O_CREAT, _PART_MODE)
+        self.hasher = PrefixHash(fd, with_sha256=bool(self.source.sha256))
+        checkpoints = asyncio.create_task(self._checkpoints())
+        try:
+            os.ftruncate(fd, size)
+            self.fetcher.progress.set(kept)
+            self.hasher.advance(_first_gap(self.done, 0))
+            if todo and not await self._run_workers(fd, todo):
+                return None
+            if self.failures:
+                raise self.failures[0]
+            return kept, await self.hasher.finish(size)
+        finally:
+            checkpoints.cancel()
+            self._write_state()  # the workers have stopped: what they wrote is final
+            self.hasher.close()
+            os.close(fd)
+
+    async def _run_workers(self, fd: int, todo: deque[_Range]) -> bool:
+        """Download ``todo``; False when the server turned out to ignore ``Range``."""
+        tasks = [asyncio.create_task(self._worker(fd, todo))]
+        probe = asyncio.create_task(self.ranges_ok.wait())
+        try:
+            await asyncio.wait((tasks[0], probe), return_when=asyncio.FIRST_COMPLETED)
+            probe.cancel()
+            if self.ranges_ok.is_set():
+                workers = min(self.policy.range_workers, len(todo) + 1)
+                tasks += [asyncio.create_task(self._worker(fd, todo)) for _ in range(workers - 1)]
+            await asyncio.gather(*tasks)
+        except BaseException as exc:
+            probe.cancel()
+            await _stop(tasks)
+            if isinstance(exc, RangeRejected):
+                return False
+            raise
+        return True
+
+    async def _worker(self, fd: int, todo: deque[_Range]) -> None:
+        # After a range ran out of retries no new range starts: the server is likely down,
+        # and the ranges under way still finish, to be kept for the next attempt.
+        while todo and not self.failures:
+            item = todo.popleft()
+            try:
+                await self._fetch(fd, item)
+            except DownloadError as exc:
+                self.failures.append(exc)
+                return
+            self._write_state()
+            self.hasher.advance(_first_gap(self.done, 0))
+
+    async def _fetch(self, fd: int, item: _Range) -> None:
+        cursor = Cursor(item.pos)
+        self._active[item.start] = (item.start, cursor)
+        try:
+            await self._fetch_from(fd, item, cursor)
+        finally:
+            # Finished or not, what the range wrote is kept (a partial head is resumed later).
+            del self._active[item.start]
+            if cursor.pos > item.start:
+                self.done = _merge([*self.done, (item.start, cursor.pos)])
+
+    async def _fetch_from(self, fd: int, item: _Range, cursor: Cursor) -> None:
+        fetcher = self.fetcher
+        where = f" (bytes {item.start}-{item.end - 1})"
+        attempts = Attempts(self.policy, self.source.name, where)
+        while cursor.pos < item.end:
+            before = cursor.pos
+            try:
+                async with fetcher.open(cursor.pos, item.end - 1) as response:
+                    if response.status_code != 206:
+                        raise RangeRejected(f"HTTP {response.status_code} to a Range request")
+                    self.ranges_ok.set()
+                    # A body that runs past the range is cut there: those bytes are another's.
+                    await fetcher.pump(response, fd, cursor, item.end)
+                if cursor.pos < item.end:
+                    raise Transient(f"the body ended early, at byte {cursor.pos}{where}")
+            except Forbidden as denied:
+                await fetcher.url.forbidden(denied)
+            except (Transient, transport_errors()) as exc:
+                await attempts.failed(
+                    describe(exc),
+                    progressed=cursor.pos > before,
+                    url=fetcher.url.value,
+                    kept=self.covered(),
+                    retry_after_s=retry_after_s(exc),
+                )
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended, even if canceled meanwhile.
+
+    The workers write into a descriptor the caller closes next; one still running then could
+    write into whatever file reuses that number.
+    """
+    for task in tasks:
+        task.cancel()
+    canceled = False
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            canceled = True
+    if canceled:
+        raise asyncio.CancelledError
+
+
+async def fill_parallel(fetcher: Fetcher, part: Path, state: Path) -> tuple[int, Digests] | None:
+    """Fill ``part`` with the blob by parallel ranges, keeping what an earlier run wrote.
+
+    Returns how many bytes were already there (the resumed part) and the file's digests, or
+    None when the server ignores ``Range``: then the caller discards ``part`` and ``state`` and
+    streams from zero. Raises ``DownloadError`` when a range ran out of retries (``part`` and
+    ``state`` are kept), and whatever a request raises that retrying cannot fix.
+    """
+    return await _Parallel(fetcher, part, state).run()

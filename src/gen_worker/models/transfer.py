@@ -1,0 +1,401 @@
+"""One blob's bytes over HTTP: the request, the checks on the answer, writing at an offset.
+
+The pieces the sequential and the parallel-range downloads share (:mod:`.download`,
+:mod:`.ranges`): what a blob is (:class:`BlobSource`) and how hard to try
+(:class:`DownloadPolicy`); :class:`Fetcher`, which sends one ``GET`` (with ``Range`` when it
+resumes), classifies the answer and writes its body at the right offset; :class:`Attempts`,
+the retry budget; :class:`Progress`, which turns written bytes into forward-only deltas.
+
+A URL may carry a presigned signature in its query string: every message and log line shows
+:func:`shown_url` (``scheme://host[:port]/path``) only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gen_worker.errors import DownloadError, HubAuthError, HubError, HubNotFoundError
+from gen_worker.logs import log
+from gen_worker.models.blob_io import BlockWriter, Cursor, InlineHash, Progress
+
+if TYPE_CHECKING:
+    # httpx is imported where it is used (slow to import; see files/assets.py).
+    import httpx
+
+__all__ = [
+    "Attempts",
+    "BlobSource",
+    "DownloadPolicy",
+    "Fetcher",
+    "Forbidden",
+    "Mismatch",
+    "RangeRejected",
+    "Transient",
+    "UrlHolder",
+    "describe",
+    "retry_after_s",
+    "shown_url",
+    "transport_errors",
+]
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", re.IGNORECASE)
+# Statuses that say "not now" rather than "never".
+_TRANSIENT_STATUS = frozenset({408, 425, 429})
+
+
+@dataclass(frozen=True, slots=True)
+class BlobSource:
+    """One blob to download: its manifest path (for messages), URL, size and digests.
+
+    With neither digest (a small Hugging Face file, which publishes only a git object id)
+    only the size is checked; the blake3 of what arrived is returned either way.
+    """
+
+    name: str  # the manifest path, for messages and events (never the URL)
+    url: str
+    size_bytes: int
+    blake3: str = ""  # expected blake3 hex; empty when the source publishes none
+    sha256: str = ""  # expected sha256 hex (Hugging Face LFS files); optional
+
+    def __post_init__(self) -> None:
+        if self.size_bytes < 0:
+            raise ValueError(f"{self.name}: size_bytes is {self.size_bytes}; it must be >= 0")
+        for what, value in (("blake3", self.blake3), ("sha256", self.sha256)):
+            if value and not _HEX64.fullmatch(value):
+                raise ValueError(
+                    f"{self.name}: {what} {value[:80]!r} is not 64 lower-case hex characters"
+                )
+        if not self.url.lower().startswith(("http://", "https://")):
+            raise ValueError(f"{self.name}: the download URL must be an http(s) URL")
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadPolicy:
+    """How hard to try and how to split the work. Times in seconds, sizes in bytes."""
+
+    max_attempts: int = 5  # 5xx/connection errors, per blob (and per range)
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 10.0
+    jitter_s: float = 0.5
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    chunk_bytes: int = 1 << 20
+    parallel_min_bytes: int = 64 << 20  # blobs at least this big download in parallel ranges
+    range_bytes: int = 32 << 20  # size of each range
+    range_workers: int = 4
+
+    def __post_init__(self) -> None:
+        rules: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
+            (("max_attempts", "chunk_bytes", "range_bytes", "range_workers"), _at_least_1, ">= 1"),
+            (("backoff_base_s", "backoff_max_s", "jitter_s"), _at_least_0, ">= 0"),
+            (("connect_timeout_s", "read_timeout_s"), _positive, "> 0"),
+        )
+        for fields, valid, rule in rules:
+            for field in fields:
+                if not valid(getattr(self, field)):
+                    raise ValueError(
+                        f"DownloadPolicy.{field} is {getattr(self, field)}; it must be {rule}"
+                    )
+
+
+def _at_least_1(value: float) -> bool:
+    return value >= 1
+
+
+def _at_least_0(value: float) -> bool:
+    return value >= 0
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def shown_url(url: str) -> str:
+    """``scheme://host[:port]/path`` of ``url``: never its credentials, query or fragment."""
+    match = re.match(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>[^?#]*)", url)
+    if match is None:
+        return "<not an absolute URL>"
+    authority, slash, path = match["rest"].partition("/")
+    host = authority.rpartition("@")[2]  # drop user:password@
+    return f"{match['scheme'].lower()}://{host}{slash}{path}"
+
+
+# -- control flow between the pieces (never escapes the package) -----------------------------
+
+
+class Transient(Exception):
+    """A failure worth retrying: a 5xx/408/429 answer or a body that ended early."""
+
+    def __init__(self, reason: str, *, retry_after_s: float = 0.0) -> None:
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        super().__init__(reason)
+
+
+class Forbidden(Exception):
+    """401/403 for the URL of ``generation``: refresh it once, or fail."""
+
+    def __init__(self, status: int, generation: int) -> None:
+        self.status = status
+        self.generation = generation
+        super().__init__(f"HTTP {status}")
+
+
+class RangeRejected(Exception):
+    """The server ignored ``Range`` or answered another range: restart from byte zero."""
+
+
+class Mismatch(Exception):
+    """The bytes are not the blob: a size or a digest differs from the manifest."""
+
+    def __init__(self, what: str, expected: str, actual: str) -> None:
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"{what}: expected {expected}, got {actual}")
+
+
+# -- state shared by the requests of one download ---------------------------------------------
+
+
+class UrlHolder:
+    """The blob's current URL; a 401/403 refreshes it once, for every range at the same time."""
+
+    def __init__(self, name: str, url: str, refresh: Callable[[], Awaitable[str]] | None) -> None:
+        self.name = name
+        self.value = url
+        self.generation = 0
+        self._refresh = refresh
+        self._refreshed = False
+        self._lock = asyncio.Lock()
+
+    async def forbidden(self, denied: Forbidden) -> None:
+        """Get a fresh URL after ``denied``, or raise :class:`HubAuthError` when that was done."""
+        async with self._lock:
+            if denied.generation != self.generation:
+                return  # another range already refreshed the URL it was denied
+            shown = shown_url(self.value)
+            if self._refresh is None:
+                raise HubAuthError(
+                    f"{self.name}: download refused (HTTP {denied.status}) by {shown}; "
+                    "no way to refresh the URL was given",
+                    status=denied.status,
+                )
+            if self._refreshed:
+                raise HubAuthError(
+                    f"{self.name}: download refused (HTTP {denied.status}) by {shown} "
+                    "even after refreshing the URL once",
+                    status=denied.status,
+                )
+            self._refreshed = True
+            log("info", "download URL refused; refreshing it", file=self.name, source=shown)
+            self.value = await self._refresh()
+            self.generation += 1
+
+
+# -- the retry budget -------------------------------------------------------------------------
+
+
+class Attempts:
+    """The retry budget of one blob or one range.
+
+    Failures count while no byte is gained; an attempt that wrote bytes before failing starts
+    the count again, so a flaky link that keeps making progress finishes a 20 GB file while a
+    server that answers 503 forever fails after ``max_attempts``.
+    """
+
+    def __init__(self, policy: DownloadPolicy, name: str, where: str = "") -> None:
+        self._policy = policy
+        self._name = name
+        self._where = where
+        self.failures = 0
+
+    async def failed(
+        self, reason: str, *, progressed: bool, url: str, kept: int, retry_after_s: float = 0.0
+    ) -> None:
+        """Wait before the next attempt, or raise :class:`DownloadError` when none is left.
+
+        A server's ``Retry-After`` lengthens the wait, up to ``backoff_max_s``.
+        """
+        policy = self._policy
+        self.failures = 1 if progressed else self.failures + 1
+        if self.failures >= policy.max_attempts:
+            raise DownloadError(
+                f"{self._name}{self._where}: download from {shown_url(url)} failed "
+                f"{self.failures} times in a row ({reason}); the partial file keeps {kept} bytes "
+                "and the next download resumes from there"
+            )
+        delay = min(policy.backoff_max_s, policy.backoff_base_s * 2 ** (self.failures - 1))
+        delay = max(delay, min(retry_after_s, policy.backoff_max_s))
+        delay += random.uniform(0, policy.jitter_s)  # jitter, not cryptography
+        log(
+            "warning",
+            "download attempt failed; retrying",
+            file=self._name + self._where,
+            source=shown_url(url),
+            reason=reason,
+            attempt=self.failures,
+            retry_in_s=round(delay, 3),
+        )
+        await asyncio.sleep(delay)
+
+
+def transport_errors() -> type[Exception]:
+    """``httpx.TransportError``: a connection that failed, reset, timed out or broke framing."""
+    import httpx  # noqa: PLC0415  # deferred: see the module's imports
+
+    return httpx.TransportError
+
+
+def retry_after_s(exc: BaseException) -> float:
+    """The wait a ``Retry-After`` header asked for (0 when none did)."""
+    return exc.retry_after_s if isinstance(exc, Transient) else 0.0
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for a log line: the exception's type, and its text when it is ours."""
+    if isinstance(exc, Transient):
+        return exc.reason
+    # httpx's texts come from the transport and never hold the URL, but the type is enough.
+    return type(exc).__name__
+
+
+# -- one request ------------------------------------------------------------------------------
+
+
+def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    match = _CONTENT_RANGE.fullmatch(value or "")
+    if match is None:
+        return None
+    total = None if match[3] == "*" else int(match[3])
+    return int(match[1]), int(match[2]), total
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "0")))
+    except ValueError:
+        return 0.0  # an HTTP date: the backoff is good enough
+
+
+class Fetcher:
+    """Sends the GETs of one blob and writes their bodies into its partial file."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        source: BlobSource,
+        policy: DownloadPolicy,
+        url: UrlHolder,
+        progress: Progress,
+    ) -> None:
+        import httpx  # noqa: PLC0415  # deferred: see the module's imports
+
+        self.source = source
+        self.policy = policy
+        self.url = url
+        self.progress = progress
+        self.bytes_transferred = 0
+        self._client = client
+        self._timeout = httpx.Timeout(
+            connect=policy.connect_timeout_s,
+            read=policy.read_timeout_s,
+            write=policy.read_timeout_s,
+            pool=None,  # waiting for a pooled connection is bounded by the caller's concurrency
+        )
+
+    @contextlib.asynccontextmanager
+    async def open(self, first: int, last: int | None = None) -> AsyncIterator[httpx.Response]:
+        """GET the blob from byte ``first`` (to ``last`` inclusive, else to its end).
+
+        ``Range`` is sent unless the whole blob is asked for. The response is checked before it
+        is yielded: its body starts at ``first``, or (a 200 to a request with ``Range``) at 0.
+        Raises :class:`Forbidden`, :class:`Transient`, :class:`RangeRejected`,
+        :class:`Mismatch` (the server's size is not the manifest's), ``HubNotFoundError`` or
+        ``HubError`` for other answers; ``httpx.TransportError`` when the connection fails.
+        """
+        import httpx  # noqa: PLC0415  # deferred: see the module's imports
+
+        headers = {"Accept-Encoding": "identity"}
+        if first > 0 or last is not None:
+            headers["Range"] = f"bytes={first}-{'' if last is None else last}"
+        generation = self.url.generation
+        try:
+            async with self._client.stream(
+                "GET", self.url.value, headers=headers, timeout=self._timeout, follow_redirects=True
+            ) as response:
+                self._check(response, first, generation, ranged="Range" in headers)
+                yield response
+        except httpx.TooManyRedirects:
+            raise HubError(
+                f"{self.source.name}: too many redirects from {shown_url(self.url.value)}"
+            ) from None
+
+    def _check(
+        self, response: httpx.Response, first: int, generation: int, *, ranged: bool
+    ) -> None:
+        status = response.status_code
+        size = self.source.size_bytes
+        if status == 206:
+            content_range = _content_range(response.headers.get("content-range"))
+            if content_range is not None and content_range[2] not in (None, size):
+                raise Mismatch("size", str(size), str(content_range[2]))
+            if content_range is None or content_range[0] != first:
+                raise RangeRejected(f"asked for bytes {first}-, got Content-Range {content_range}")
+            return
+        if status == 200:
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) != size:
+                raise Mismatch("size", str(size), declared)
+            return
+        self._raise_for_status(status, response, generation, ranged=ranged)
+
+    def _raise_for_status(
+        self, status: int, response: httpx.Response, generation: int, *, ranged: bool
+    ) -> None:
+        shown = shown_url(self.url.value)
+        name = self.source.name
+        if status in (401, 403):
+            raise Forbidden(status, generation)
+        if status in (404, 410):
+            raise HubNotFoundError(f"{name}: not found (HTTP {status}) at {shown}", status=status)
+        if status >= 500 or status in _TRANSIENT_STATUS:
+            raise Transient(f"HTTP {status}", retry_after_s=_retry_after_s(response))
+        if status == 416 and ranged:
+            raise RangeRejected("HTTP 416 to a Range request")
+        raise HubError(
+            f"{name}: unexpected HTTP {status} from {shown}; expected 200 or 206", status=status
+        )
+
+    async def pump(
+        self,
+        response: httpx.Response,
+        fd: int,
+        cursor: Cursor,
+        end: int,
+        inline: InlineHash | None = None,
+    ) -> bool:
+        """Write the body at ``cursor.pos`` onwards, stopping at ``end``.
+
+        Blocks of ``chunk_bytes`` are written (and hashed into ``inline``) by a thread while
+        the next block arrives, so disk and hashing overlap the network. Whatever arrived is
+        written even when the connection fails halfway (the error then propagates), so a later
+        attempt resumes after it. Returns True when the body went on past ``end``.
+        """
+        writer = BlockWriter(fd, cursor, end, inline, self.progress)
+        limit = self.policy.chunk_bytes
+        try:
+            async for piece in response.aiter_raw():
+                self.bytes_transferred += len(piece)
+                if writer.add(piece) >= limit and await writer.push():
+                    return True
+            return await writer.push() or await writer.drain()
+        finally:
+            writer.settle()
