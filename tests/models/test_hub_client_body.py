@@ -1,4 +1,4 @@
-"""The resolve request body and attribute preferences (pure; the HTTP side is in test_hub_client)."""
+"""The resolve request body and attribute preferences (pure; HTTP is in test_hub_client)."""
 
 from __future__ import annotations
 
