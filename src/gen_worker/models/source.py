@@ -20,13 +20,21 @@ from pathlib import Path
 
 import msgspec
 
+from gen_worker.config import ModelSettings
 from gen_worker.errors import GenWorkerError, HubError, ValidationError
 from gen_worker.models.fetch import EventSink, ProgressSink, SnapshotFetcher
 from gen_worker.models.hub_client import AttributeValues, HubClient
 from gen_worker.models.manifest import SnapshotManifest
+from gen_worker.models.store import Store
 from gen_worker.refs import CozyRef, HfRef, normalize_ref
 
-__all__ = ["ModelSource", "PrefetchItem", "PrefetchResult"]
+__all__ = [
+    "ModelSource",
+    "PrefetchItem",
+    "PrefetchResult",
+    "build_model_source",
+    "parse_prefetch_body",
+]
 
 
 class PrefetchItem(msgspec.Struct, forbid_unknown_fields=True):
@@ -50,6 +58,61 @@ class PrefetchResult(msgspec.Struct, omit_defaults=True):
     path: str | None = None
     error_type: str | None = None
     error_message: str | None = None
+
+
+_PREFETCH_FORM = (
+    'expected {"models": ["owner/repo[:tag]", {"ref": "...", "dtypes": ["bf16"], '
+    '"attributes": {"k": "v"}}]}'
+)
+
+
+def parse_prefetch_body(body: bytes) -> list[PrefetchItem]:
+    """The models of a ``/v1/models/prefetch`` body; a ValidationError says what is valid."""
+    try:
+        decoded = msgspec.json.decode(body) if body.strip() else None
+    except msgspec.DecodeError as exc:
+        raise ValidationError(f"the body is not JSON ({exc}); {_PREFETCH_FORM}") from exc
+    if not isinstance(decoded, dict) or "models" not in decoded:
+        raise ValidationError(f"'models' is missing; {_PREFETCH_FORM}")
+    models = decoded["models"]
+    if not isinstance(models, list):
+        raise ValidationError(
+            f"'models' must be a list, got {type(models).__name__}; {_PREFETCH_FORM}"
+        )
+    items = []
+    for index, model in enumerate(models):
+        if isinstance(model, str):
+            items.append(PrefetchItem(model))
+            continue
+        try:
+            items.append(msgspec.convert(model, PrefetchItem))
+        except msgspec.ValidationError as exc:
+            raise ValidationError(
+                f"models[{index}]: {exc}; {_PREFETCH_FORM}".replace("$", f"models[{index}]")
+            ) from exc
+    return items
+
+
+def build_model_source(
+    settings: ModelSettings,
+    *,
+    store: Store | None = None,
+    on_event: EventSink | None = None,
+) -> ModelSource:
+    """The model source the settings describe (hub from TENSORHUB_URL, store in the cache)."""
+    hub = (
+        HubClient(settings.tensorhub_url, settings.tensorhub_token or "")
+        if settings.tensorhub_url
+        else None
+    )
+    return ModelSource(
+        SnapshotFetcher(store or Store(settings.store_root)),
+        hub=hub,
+        hf_endpoint=settings.hf_endpoint,
+        hf_token=settings.hf_token,
+        max_concurrent=settings.max_concurrent_downloads,
+        on_event=on_event,
+    )
 
 
 class ModelSource:
