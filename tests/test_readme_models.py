@@ -18,7 +18,8 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 
 def _commands() -> list[str]:
     section = README.split("## Models locally: the hub and the store", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)[0].strip().splitlines()
+    block: str = re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)[0]
+    return block.strip().splitlines()
 
 
 def _argv(words: list[str]) -> list[str]:
