@@ -1,0 +1,88 @@
+"""The worker's endpoint-config prefetch against a real local hub (no scheduler needed here)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from gen_worker.config import ModelSettings
+from gen_worker.hub import HubServer, publish
+from gen_worker.models.hub_client import HubClient
+from gen_worker.models.source import build_model_source
+from gen_worker.protocol import messages as m
+from gen_worker.runtime.models import WorkerModels
+
+
+def _publish(tmp_path: Path, ref: str, body: bytes) -> None:
+    src = tmp_path / f"src-{ref.replace('/', '_').replace(':', '_')}"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "weights.safetensors").write_bytes(body)
+    publish(tmp_path / "hub", ref, src)
+
+
+def _resolution(hub: HubServer, ref: str) -> m.ResolvedModel:
+    async def go() -> m.ResolvedModel:
+        client = HubClient(hub.url)
+        try:
+            manifest = await client.resolve(ref)
+        finally:
+            await client.aclose()
+        return m.ResolvedModel(
+            ref=ref,
+            snapshot_digest=manifest.digest,
+            files=[m.ResolvedFile(e.path, e.size_bytes, e.blake3, e.url) for e in manifest.entries],
+        )
+
+    return asyncio.run(go())
+
+
+def _prefetch(
+    settings: ModelSettings, config: m.EndpointConfig
+) -> list[tuple[str, dict[str, Any]]]:
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    async def go() -> None:
+        models = WorkerModels(build_model_source(settings), settings)
+        try:
+            await models.prefetch(config, lambda kind, payload: events.append((kind, payload)))
+            assert models.downloading == set()
+        finally:
+            await models.aclose()
+
+    asyncio.run(go())
+    return events
+
+
+def test_resolved_models_are_fetched_and_reported(tmp_path: Path) -> None:
+    _publish(tmp_path, "acme/a:latest", b"a" * 5000)
+    _publish(tmp_path, "acme/b:latest", b"b" * 7000)
+    with HubServer(tmp_path / "hub") as hub:
+        config = m.EndpointConfig(
+            resolved_models=[_resolution(hub, "acme/a:latest")],
+            required_models=["acme/a:latest", "acme/b:latest"],
+        )
+        settings = ModelSettings(cache_dir=str(tmp_path / "cache"))
+        events = _prefetch(settings, config)
+        kinds = [kind for kind, _ in events]
+        # acme/a from the scheduler's resolution; acme/b was not resolved and hub resolve is off.
+        assert kinds.count("model.download.started") == 1
+        ready = [p for k, p in events if k == "model.ready"]
+        assert [p["model_id"] for p in ready] == ["acme/a:latest"]
+        assert Path(ready[0]["path"], "weights.safetensors").read_bytes() == b"a" * 5000
+        failed = [p for k, p in events if k == "model.download.failed"]
+        assert [p["model_id"] for p in failed] == ["acme/b:latest"]
+        assert "WORKER_ALLOW_TENSORHUB_API_RESOLVE" in failed[0]["error_message"]
+        assert kinds[-1] == "models.disk_inventory"
+
+        # With hub resolution allowed, the unresolved one is resolved and fetched too.
+        allowed = ModelSettings(
+            cache_dir=str(tmp_path / "cache"), tensorhub_url=hub.url, allow_hub_resolve=True
+        )
+        events = _prefetch(allowed, config)
+        ready_ids = sorted(p["model_id"] for k, p in events if k == "model.ready")
+        assert ready_ids == ["acme/a:latest", "acme/b:latest"]
+        assert not [p for k, p in events if k == "model.download.failed"]
+        models = WorkerModels(build_model_source(allowed), allowed)
+        assert models.warm() == ["acme/a:latest", "acme/b:latest"]
