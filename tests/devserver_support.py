@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from gen_worker.config import EngineSettings
+from gen_worker.config import EngineSettings, ModelSettings
 from gen_worker.devserver import DevRunner
 from gen_worker.discovery.endpoint import load_from_project
 from gen_worker.testing.http_runner import build_runner
@@ -34,6 +34,9 @@ def serve(
     settings: EngineSettings | None = None,
     **kwargs: Any,
 ) -> Iterator[Served]:
+    # Models go to a store beside the outputs, never to the real ~/.cache, and no hub unless
+    # the test names one.
+    kwargs.setdefault("model_settings", ModelSettings(cache_dir=str(outputs / ".cache")))
     runner = build_runner(
         load_from_project(project), outputs, settings=settings or EngineSettings(), **kwargs
     )

@@ -103,6 +103,27 @@ def test_unknown_function_is_404(client: httpx.Client) -> None:
     assert "unknown function 'no-such-function'; available: [" in r.json()["safe_message"]
 
 
+def test_paths_the_invoke_fast_path_does_not_serve_keep_their_answers(
+    client: httpx.Client,
+) -> None:
+    # Not one function name, or not a POST: Starlette's router answers, as before the fast path.
+    assert client.post("/v1/request/chatty/extra", content=b"{}").status_code == 404
+    assert client.post("/v1/request/", content=b"{}").status_code == 404
+    assert client.get("/v1/request/chatty").status_code == 405
+    assert client.get("/healthz").json() == {"ok": True}
+
+
+def test_a_body_sent_in_chunks_is_read_whole(client: httpx.Client) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"payload": {"te'
+        yield b'xt": "chunked"}, "request_id": "chunky"}'
+
+    r = client.post("/v1/request/chatty", content=chunks())
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert int(r.headers["content-length"]) == len(r.content)
+    assert (r.json()["request_id"], r.json()["output"]) == ("chunky", {"text": "CHUNKED"})
+
+
 def test_wrong_type_has_the_msgspec_path(client: httpx.Client) -> None:
     r = post(client, "chatty", {"text": 5})
     assert r.status_code == 400
@@ -131,17 +152,29 @@ def test_deadline_is_504(client: httpx.Client) -> None:
     assert time.monotonic() - start < 5
 
 
-def test_not_yet_model_routes_are_501(client: httpx.Client) -> None:
+def test_memory_model_routes_are_501(client: httpx.Client) -> None:
     for method, path in [
-        ("POST", "/v1/models/prefetch"),
         ("POST", "/v1/models/load"),
         ("POST", "/v1/models/unload"),
-        ("GET", "/v1/models/status"),
         ("POST", "/v1/warmup/chatty"),
     ]:
         r = client.request(method, path, json={})
         assert r.status_code == 501, path
         assert "--model REF=DIR" in r.json()["safe_message"]
+        assert "/v1/models/prefetch" in r.json()["safe_message"]
+
+
+def test_prefetch_without_models_is_400_and_status_lists_the_store(
+    client: httpx.Client, runner: Served
+) -> None:
+    r = client.post("/v1/models/prefetch", json={})
+    assert r.status_code == 400
+    assert "'models' is missing" in r.json()["safe_message"]
+    r = client.post("/v1/models/prefetch", json={"models": "acme/sd"})
+    assert r.status_code == 400 and "must be a list" in r.json()["safe_message"]
+    status = client.get("/v1/models/status").json()
+    assert status["warm"] == [] and status["downloading"] == [] and status["hub"] is None
+    assert status["store"] == str(runner.outputs / ".cache" / "cas")
 
 
 def test_input_and_busy_limits(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from gen_worker.runtime.core_types import (
     Link,
     OutcomeAcked,
     OutcomeProduced,
+    OutcomesProduced,
     Phase,
     ProtocolRejected,
     ReconnectDue,
@@ -77,6 +78,12 @@ def feed(core: WorkerCore, *events: Event) -> list[Action]:
 def out(rid: str, seq: int, *, terminal: bool = False, attempt: int = 0) -> OutcomeProduced:
     """An outcome whose payload names it, so a Send shows exactly what went out."""
     return OutcomeProduced(rid, attempt, seq, terminal, payload=f"{rid}/{attempt}/{seq}")
+
+
+def outs(rid: str, first: int, count: int, *, terminal: bool = False) -> OutcomesProduced:
+    """Outcomes first..first+count-1 as one batch, payloads named as by ``out``."""
+    items = tuple((seq, f"{rid}/0/{seq}") for seq in range(first, first + count))
+    return OutcomesProduced(rid, 0, items, terminal)
 
 
 def job(rid: str, attempt: int = 0) -> JobReceived:
@@ -345,6 +352,20 @@ OUTCOMES = {
         (RegistrationAcked(1.0),),
         [StartHeartbeat(1.0), Send(("r/0/1",))],
     ),
+    "a batch of outcomes goes out as one send, in order": Case(
+        STARTED, (outs("r", 0, 3, terminal=True),), [Send(("r/0/0", "r/0/1", "r/0/2"))]
+    ),
+    "a batch produced while disconnected is resent whole after the ack": Case(
+        (*STARTED, out("r", 0), StreamBroken("eof"), outs("r", 1, 3), ReconnectDue(), Dialed()),
+        (RegistrationAcked(1.0, (("r", 0, 0),)),),
+        [StartHeartbeat(1.0), Send(("r/0/1", "r/0/2", "r/0/3"))],
+    ),
+    "a batch ending in the terminal outcome answers a duplicate job request": Case(
+        (*STARTED, outs("r", 0, 2, terminal=True), JobStopped("r", 0)),
+        (job("r"),),
+        [ReplayResult("r/0/1")],
+    ),
+    "an empty batch does nothing": Case(STARTED, (outs("r", 0, 0),), []),
     "an ack for an unknown request is ignored": Case(STARTED, (OutcomeAcked("zz", 0, 3),), []),
     "a resume entry for an unknown request is ignored": Case(
         (*READY, *BROKEN_THEN_OPEN),

@@ -42,6 +42,7 @@ from gen_worker.runtime.core_types import (
     Link,
     OutcomeAcked,
     OutcomeProduced,
+    OutcomesProduced,
     ReconnectDue,
     Redirected,
     RegistrationAcked,
@@ -344,17 +345,31 @@ class CoreModel(RuleBasedStateMachine):
         return [k for k in self.running if not (self.produced[k] and self.produced[k][-1][3])]
 
     @precondition(lambda self: self.exited is None and self.running)
-    @rule(data=st.data(), count=st.integers(1, 8), terminal=st.booleans())
+    @rule(data=st.data(), count=st.integers(1, 8), terminal=st.booleans(), batched=st.booleans())
     @step
-    def run_progresses(self, data: st.DataObject, count: int, terminal: bool) -> None:
-        """A run streams ``count`` outcomes (the last maybe terminal), or, finished, stops."""
+    def run_progresses(
+        self, data: st.DataObject, count: int, terminal: bool, batched: bool
+    ) -> None:
+        """A run streams ``count`` outcomes (the last maybe terminal), one event each or all in
+        one OutcomesProduced (as the worker's shell hands them over), or, finished, stops."""
         key = self.key_of(data, list(self.running))
-        if key in self.unfinished():
+        if key in self.unfinished() and batched:
+            self.produce_batch(key, count, terminal=terminal)
+        elif key in self.unfinished():
             for i in range(count):
                 self.produce_one(key, terminal=terminal and i == count - 1)
         else:
             self.running.discard(key)
             self.expect(self.apply(JobStopped(*key)), [])
+
+    def produce_batch(self, key: RequestKey, count: int, *, terminal: bool) -> None:
+        start = len(self.produced[key])
+        payloads = [(*key, start + i, terminal and i == count - 1) for i in range(count)]
+        self.produced[key].extend(payloads)
+        self.production.extend(payloads)
+        items = tuple((p[2], p) for p in payloads)
+        actions = self.apply(OutcomesProduced(*key, items, terminal))
+        assert actions == ([Send(tuple(payloads))] if self.core.registered else [])
 
     def produce_one(self, key: RequestKey, *, terminal: bool) -> None:
         payload = (*key, len(self.produced[key]), terminal)

@@ -8,7 +8,8 @@ the request's concurrency slot is released only once the function has really ret
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from gen_worker.authoring import FunctionSpec, RequestContext
 from gen_worker.engine.codec import FunctionCodec
 from gen_worker.engine.emitter import OutcomeChannel
 from gen_worker.engine.request import Codec
-from gen_worker.engine.threads import clear_pending_in_thread, raise_in_thread
+from gen_worker.engine.threads import CallThreads, clear_pending_in_thread, raise_in_thread
 from gen_worker.errors import CanceledError, OutputTooLargeError
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ class FunctionCall:
         self._deps = deps
         self._lock = threading.Lock()
         self._thread_id: int | None = None
-        self._future: concurrent.futures.Future[Any] | None = None
+        self._in_flight = False  # a pool thread runs (or is about to run) this call
+        self._when_stopped: list[Callable[[], None]] = []
         self._forced = 0
 
     async def run(
@@ -102,25 +104,81 @@ class FunctionCall:
 
     # -- the worker thread ----------------------------------------------------------------------
 
-    def _entry(self, target: Callable[[], Any]) -> Any:
-        with self._lock:
-            self._thread_id = threading.get_ident()
-        try:
-            return target()
-        finally:
-            with self._lock:
-                self._thread_id = None
-                # A forced stop that arrived too late must not fire in the pool's own code.
-                clear_pending_in_thread(threading.get_ident())
-
     async def _in_thread(self, target: Callable[[], Any]) -> Any:
-        executor: concurrent.futures.Executor = self._deps.call_threads()
-        self._future = executor.submit(self._entry, target)
-        return await asyncio.wrap_future(self._future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._in_flight = True
+        threads: CallThreads = self._deps.call_threads()
+        threads.submit(functools.partial(self._entry, target, loop, future))
+        return await future
+
+    def _entry(
+        self, target: Callable[[], Any], loop: asyncio.AbstractEventLoop, future: Any
+    ) -> Callable[[], None]:
+        """In a pool thread: run ``target``; the report to send back (one loop wake-up).
+
+        The pool sends the report once it counts this thread as free again. It goes through
+        ``call_soon_threadsafe`` like the deltas and progress the function posted, so it
+        reaches the loop after them (FIFO).
+        """
+        result: Any = None
+        error: BaseException | None = None
+        thread_id = threading.get_ident()
+        try:
+            with self._lock:
+                self._thread_id = thread_id
+            result = target()
+        except BaseException as exc:  # reported to the awaiting run, whatever it is
+            error = exc
+        finally:
+            self._leave_thread(thread_id)
+        # No forced stop can arrive from here on (_leave_thread withdrew any): the report
+        # is sure to be sent.
+        return functools.partial(self._report, loop, future, result, error)
+
+    def _report(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: Any,
+        result: Any,
+        error: BaseException | None,
+    ) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(self._returned, future, result, error)
+
+    def _leave_thread(self, thread_id: int) -> None:
+        # A forced stop that arrived too late must not fire in the pool's own code; if it
+        # fires while we withdraw it, it was delivered: withdraw again until none is pending.
+        # Forced stops are only raised under the lock while _thread_id is set, so a call that
+        # was never forced (nearly all) has nothing to withdraw and skips the C API call.
+        while True:
+            try:
+                with self._lock:
+                    self._thread_id = None
+                    if self._forced:
+                        clear_pending_in_thread(thread_id)
+                return
+            except BaseException:
+                continue  # that was the late CanceledError itself
+
+    def _returned(
+        self, future: asyncio.Future[Any], result: Any, error: BaseException | None
+    ) -> None:
+        self._in_flight = False
+        if not future.done():  # done: the run was canceled and stopped waiting
+            if error is None:
+                future.set_result(result)
+            elif isinstance(error, StopIteration):  # a Future refuses StopIteration itself
+                future.set_exception(RuntimeError(f"the function raised StopIteration: {error}"))
+            else:
+                future.set_exception(error)
+        callbacks, self._when_stopped = self._when_stopped, []
+        for callback in callbacks:
+            callback()
 
     def stop_thread_later(self) -> None:
         """After the grace period, raise CanceledError in the thread if it is still running."""
-        if self._future is not None and not self._future.done():
+        if self._in_flight:
             loop = asyncio.get_running_loop()
             loop.call_later(self._deps.cancel_grace_s, self._force_stop)
 
@@ -134,9 +192,7 @@ class FunctionCall:
 
     def when_stopped(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the loop once no thread of this call is running."""
-        future = self._future
-        if future is None or future.done():
+        if self._in_flight:
+            self._when_stopped.append(callback)
+        else:
             callback()
-            return
-        loop = asyncio.get_running_loop()
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(callback))

@@ -8,7 +8,6 @@ HTTP or gRPC: the dev runner and the worker are thin transports over the same en
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from gen_worker.authoring import FunctionSpec, OutputSink
@@ -19,6 +18,8 @@ from gen_worker.engine.outcomes import Outcome
 from gen_worker.engine.request import RequestMeta
 from gen_worker.engine.run import RequestRun, RunDeps
 from gen_worker.engine.slots import FifoSlots
+from gen_worker.engine.threads import CallThreads
+from gen_worker.engine.watch import StuckWatch
 from gen_worker.errors import ValidationError
 from gen_worker.files import AssetFetcher
 
@@ -56,7 +57,7 @@ class Engine:
             self._functions.setdefault(spec.func.__name__, spec)
         self._codecs = {id(spec): FunctionCodec(spec) for spec in functions}
         self.slots = FifoSlots(concurrency, max_waiting=max_waiting)
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads_pool: CallThreads | None = None
         self._batch_sizes: dict[str, int] = {}
         self._deps = RunDeps(
             settings=self.settings,
@@ -68,6 +69,7 @@ class Engine:
             cancel_grace_s=cancel_grace_s,
             device=device,
             preferred_batch_size=self.preferred_batch_size,
+            watch=StuckWatch(),
         )
         self._runs: dict[str, RequestRun] = {}
 
@@ -91,19 +93,23 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _threads(self) -> concurrent.futures.Executor:
-        if self._executor is None:
-            # One thread per slot is enough: a slot is held until its thread has returned.
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.slots.limit + 1, thread_name_prefix="gen-worker-call"
-            )
-        return self._executor
+    def _threads(self) -> CallThreads:
+        # Started on first use (an endpoint of async functions never needs one); it grows to
+        # at most one thread per slot, as a slot is held until its thread has returned.
+        if self._threads_pool is None:
+            self._threads_pool = CallThreads("gen-worker-call")
+        return self._threads_pool
 
-    def start(self, spec: FunctionSpec, payload: bytes, meta: RequestMeta) -> RequestRun:
-        """Start a request on the running loop; iterate ``run.channel`` for its outcomes."""
+    def start(
+        self, spec: FunctionSpec, payload: bytes, meta: RequestMeta, *, own_task: bool = True
+    ) -> RequestRun:
+        """Start a request on the running loop; iterate ``run.channel`` for its outcomes.
+
+        With ``own_task=False`` nothing runs until the caller awaits ``run.execute()``.
+        """
         if meta.request_id in self._runs:
             raise ValidationError(f"request {meta.request_id} is already running")
-        run = RequestRun(self._deps, spec, self._codecs[id(spec)], payload, meta)
+        run = RequestRun(self._deps, spec, self._codecs[id(spec)], payload, meta, own_task=own_task)
         self._runs[meta.request_id] = run
         run.stopped_callback = lambda: self._runs.pop(meta.request_id, None)
         return run
@@ -142,6 +148,6 @@ class Engine:
             await asyncio.wait(waits, timeout=grace_s + 2 * self._deps.cancel_grace_s)
             for wait in waits:
                 wait.cancel()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        if self._threads_pool is not None:
+            self._threads_pool.shutdown()
+            self._threads_pool = None

@@ -4,6 +4,9 @@ Every outcome carries the request's sequence number ``seq`` (0, 1, 2 ... per req
 transport can deliver them in order and a scheduler can drop duplicates after a resume. A run
 yields any number of :class:`Progress`, :class:`Log`, :class:`Event` and :class:`Delta`, then
 exactly one terminal outcome, :class:`Result` or :class:`Failure`.
+
+Outcomes are plain data that never refer back to themselves: ``gc=False`` keeps the cycle
+collector from tracking the ten or so a request produces.
 """
 
 from __future__ import annotations
@@ -24,20 +27,20 @@ __all__ = [
 ]
 
 
-class Progress(msgspec.Struct, frozen=True, tag="progress"):
+class Progress(msgspec.Struct, frozen=True, gc=False, tag="progress"):
     seq: int
     progress: float
     stage: str | None = None
     detail: dict[str, Any] = {}
 
 
-class Log(msgspec.Struct, frozen=True, tag="log"):
+class Log(msgspec.Struct, frozen=True, gc=False, tag="log"):
     seq: int
     message: str
     level: str = "info"
 
 
-class Event(msgspec.Struct, frozen=True, tag="event"):
+class Event(msgspec.Struct, frozen=True, gc=False, tag="event"):
     """A lifecycle, metrics or custom event (``event_type`` as in the observability spec)."""
 
     seq: int
@@ -45,14 +48,14 @@ class Event(msgspec.Struct, frozen=True, tag="event"):
     payload: dict[str, Any] = {}
 
 
-class Delta(msgspec.Struct, frozen=True, tag="delta"):
+class Delta(msgspec.Struct, frozen=True, gc=False, tag="delta"):
     """One streamed item, already encoded with the request's codec."""
 
     seq: int
     data: bytes
 
 
-class Result(msgspec.Struct, frozen=True, tag="result"):
+class Result(msgspec.Struct, frozen=True, gc=False, tag="result"):
     """Success: the encoded output (for a streaming function, an empty body)."""
 
     seq: int
@@ -60,7 +63,7 @@ class Result(msgspec.Struct, frozen=True, tag="result"):
     timing_ms: dict[str, float] = {}
 
 
-class Failure(msgspec.Struct, frozen=True, tag="failure"):
+class Failure(msgspec.Struct, frozen=True, gc=False, tag="failure"):
     """The run failed; see the error table of the spec for ``error_type`` and ``retryable``."""
 
     seq: int

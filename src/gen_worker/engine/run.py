@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from gen_worker.authoring import (
 )
 from gen_worker.config import EngineSettings
 from gen_worker.engine.calls import FunctionCall
+from gen_worker.engine.cancel import CancelEvent
 from gen_worker.engine.codec import FunctionCodec
 from gen_worker.engine.emitter import OutcomeChannel
 from gen_worker.engine.failures import canceled_failure, failure_from_exception, timeout_failure
@@ -38,6 +38,8 @@ from gen_worker.engine.models import ModelProvider
 from gen_worker.engine.outcomes import Result
 from gen_worker.engine.request import RequestMeta
 from gen_worker.engine.slots import FifoSlots
+from gen_worker.engine.threads import CallThreads
+from gen_worker.engine.watch import StuckWatch
 from gen_worker.errors import GenWorkerError, OutputTooLargeError, ValidationError
 from gen_worker.files import AssetFetcher, find_assets
 
@@ -54,17 +56,33 @@ class RunDeps:
 
     settings: EngineSettings
     slots: FifoSlots
-    call_threads: Callable[[], Any]
+    call_threads: Callable[[], CallThreads]
     models: ModelProvider | None
     outputs: Callable[[str], OutputSink] | None
     assets: AssetFetcher | None
     cancel_grace_s: float
     device: str
     preferred_batch_size: Callable[[str], int]
+    #: The one timer behind every phase's ``*.stuck`` warning.
+    watch: StuckWatch
 
 
-def _now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+#: The second last formatted by _now_rfc3339 and its text up to the second.
+_CLOCK: list[Any] = [-1, ""]
+
+
+def _now_rfc3339(now: Callable[[], float] = time.time) -> str:
+    """RFC 3339 UTC with milliseconds (``2026-01-02T03:04:05.678Z``), for ``metrics.compute.*``.
+
+    ``datetime.now(UTC).isoformat(...)`` costs a few microseconds and is asked twice per
+    request; the date and time up to the second change once a second, so they are cached.
+    """
+    t = now()
+    second = int(t)
+    if second != _CLOCK[0]:
+        _CLOCK[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _CLOCK[0] = second
+    return "%s.%03dZ" % (_CLOCK[1], (t - second) * 1000)  # noqa: UP031  # the fastest here
 
 
 class RequestRun:
@@ -77,12 +95,14 @@ class RequestRun:
         codec: FunctionCodec,
         payload: bytes,
         meta: RequestMeta,
+        *,
+        own_task: bool = True,
     ) -> None:
         self.spec = spec
         self.meta = meta
         self.request_id = meta.request_id
         self.channel = OutcomeChannel(asyncio.get_running_loop())
-        self.cancel_event = threading.Event()
+        self.cancel_event: threading.Event = CancelEvent()
         self._deps = deps
         self._codec = codec
         self._payload_bytes = payload
@@ -99,9 +119,28 @@ class RequestRun:
             deps=deps,
         )
         self._holds_slot = False
+        self._begun = False
         self.stopped = asyncio.Event()
         self._deadline: asyncio.TimerHandle | None = None
-        self._task = asyncio.get_running_loop().create_task(self._main(), name=meta.request_id)
+        self._task: asyncio.Task[Any] | None = None
+        self._in_caller = not own_task
+        if own_task:
+            self._task = asyncio.get_running_loop().create_task(self._main(), name=meta.request_id)
+
+    async def execute(self) -> None:
+        """Run the request in the calling task, for a run made with ``own_task=False``.
+
+        A transport that just awaits the end of one request (the dev runner's JSON answer)
+        saves a task and a loop round trip per request this way. ``cancel()`` then cancels the
+        caller's task at its current await inside the run; the run absorbs that cancellation
+        (and withdraws it from the task), so the caller goes on to answer ``canceled``. A
+        cancellation from anywhere else (a server shutting down) is reported as ``canceled``
+        and goes on to end the caller.
+        """
+        if not self._in_caller or self._begun or self._task is not None:
+            raise RuntimeError(f"request {self.request_id} already runs in a task")
+        self._task = asyncio.current_task()
+        await self._main()
 
     # -- control ------------------------------------------------------------------------------
 
@@ -116,10 +155,20 @@ class RequestRun:
 
     def cancel(self, *, timeout: bool = False) -> bool:
         """Cancel now (on the loop thread); False when the request had already ended."""
+        if not self._report_end(timeout=timeout):
+            return False
+        # A run that has not begun needs no task cancel (one canceled before its first step
+        # would never run its clean-up): it sees that it has ended as it begins.
+        if self._task is not None and self._begun:
+            self._task.cancel()
+        return True
+
+    def _report_end(self, *, timeout: bool) -> bool:
+        """Report ``canceled`` (or ``timeout``) now and tell the function to stop."""
         if self.is_finished:
             return False
         reason = "timeout" if timeout else "canceled"
-        self.channel.event("request.canceled", {"function_name": self.spec.name, "reason": reason})
+        self.channel.emit("request.canceled", {"function_name": self.spec.name, "reason": reason})
         timing = self._timing_ms()
         rid = self.request_id
         ended = self.channel.finish(
@@ -134,21 +183,31 @@ class RequestRun:
         if not ended:
             return False
         self.cancel_event.set()
-        self._task.cancel()
         self._call.stop_thread_later()
         return True
 
     # -- phases ---------------------------------------------------------------------------------
 
     async def _main(self) -> None:
-        self.channel.event("request.received", {"function_name": self.spec.name})
+        self._begun = True
+        if self.is_finished:  # canceled before it began
+            self._after()
+            return
+        self.channel.emit("request.received", {"function_name": self.spec.name})
         if self.timeout_s is not None:
             loop = asyncio.get_running_loop()
             self._deadline = loop.call_later(self.timeout_s, lambda: self.cancel(timeout=True))
         try:
             await self._phases()
         except asyncio.CancelledError:
-            pass  # cancel() already reported the outcome
+            if not self.is_finished:
+                # Not our cancel(): the task itself is being canceled (a shutdown). Report it,
+                # and let the cancellation go on ending the task.
+                self._report_end(timeout=False)
+                raise
+            # cancel() already reported the outcome.
+            if self._in_caller and self._task is not None:
+                self._task.uncancel()  # the caller's task goes on: it answers the request
         except BaseException as exc:  # every failure must end as exactly one outcome
             self._fail(exc)
         finally:
@@ -159,16 +218,30 @@ class RequestRun:
     async def _phases(self) -> None:
         payload = self._decode()
         queued = time.monotonic()
-        await self._deps.slots.acquire()
+        slots = self._deps.slots
+        if not slots.try_acquire():  # a free slot is taken without a coroutine round trip
+            await slots.acquire()
         self._holds_slot = True
         self._timing["queue_ms"] = (time.monotonic() - queued) * 1000
-        self.channel.event("request.started", {"function_name": self.spec.name})
-        self.channel.event("metrics.compute.started", {"at": _now_rfc3339()})
-        await self._fetch_assets(payload)
-        kwargs = await self._load_models(payload)
+        self.channel.emit_many(
+            (
+                ("request.started", {"function_name": self.spec.name}),
+                ("metrics.compute.started", {"at": _now_rfc3339()}),
+            )
+        )
+        # Assets, models and output files are rare: skipped without creating coroutines.
+        if self._codec.payload_may_hold_assets:
+            await self._fetch_assets(payload)
+        kwargs = await self._load_models(payload) if self.spec.injections else {}
         ctx = self._context()
         output = await self._infer(ctx, payload, kwargs)
-        self._succeed(await self._encode(output))
+        if self.spec.is_streaming:
+            data = b""
+        elif self._codec.output_may_hold_assets:
+            data = await self._encode(output)
+        else:
+            data = self._encode_output(output)
+        self._succeed(data)
 
     def _decode(self) -> msgspec.Struct:
         limit = self._deps.settings.max_input_bytes
@@ -224,11 +297,34 @@ class RequestRun:
     async def _infer(
         self, ctx: RequestContext, payload: msgspec.Struct, kwargs: dict[str, Any]
     ) -> Any:
+        # The inference phase written out (what _Phase does for the model phases): every
+        # request has one, and the context manager's calls showed in a no-op's profile.
+        channel = self.channel
+        watch = self._deps.watch
+        warn_s = self._deps.settings.warn_inference_s
+        channel.emit("request.inference.started", {})
         start = time.monotonic()
-        with self._phase("inference", self._deps.settings.warn_inference_s):
+        watch.start(self, warn_s, self._inference_stuck)
+        try:
             output = await self._call.run(ctx, payload, kwargs)
-        self._metric("metrics.inference", "inference_ms", start)
+        except BaseException as exc:
+            watch.stop(self, warn_s)
+            if not isinstance(exc, asyncio.CancelledError):
+                ms = round((time.monotonic() - start) * 1000, 3)
+                failed = {"ms": ms, "error": type(exc).__name__}
+                channel.emit("request.inference.failed", failed)
+            raise
+        watch.stop(self, warn_s)
+        ms = (time.monotonic() - start) * 1000
+        self._timing["inference_ms"] = ms
+        ms = round(ms, 3)
+        channel.emit_many(
+            (("request.inference.completed", {"ms": ms}), ("metrics.inference", {"ms": ms}))
+        )
         return output
+
+    def _inference_stuck(self, elapsed_s: float) -> None:
+        self.channel.emit("request.inference.stuck", {"elapsed_s": round(elapsed_s, 3)})
 
     async def _encode(self, output: Any) -> bytes:
         if self.spec.is_streaming:
@@ -236,6 +332,9 @@ class RequestRun:
         sink = self._sink() if self._codec.output_may_hold_assets else None
         if sink is not None and find_assets(output):
             await asyncio.to_thread(_persist_output_assets, output, sink)
+        return self._encode_output(output)
+
+    def _encode_output(self, output: Any) -> bytes:
         data = self._codec.encode(output, self.meta.codec)
         limit = self._deps.settings.max_output_bytes
         if limit is not None and len(data) > limit:
@@ -265,6 +364,18 @@ class RequestRun:
 
     #: Called once the run has stopped (the engine forgets it then).
     stopped_callback: Callable[[], object] | None = None
+    _stop_listeners: list[Callable[[], object]] | None = None
+
+    def on_stopped(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` (on the loop) once the run has stopped: its slot is free and its
+        function has returned. Called at once if it has already stopped."""
+        if self.stopped.is_set():
+            callback()
+        elif self._stop_listeners is None:
+            self._stop_listeners = [callback]
+        else:
+            self._stop_listeners.append(callback)
+
     _sink_cache: OutputSink | None = None
     _fetched_inputs = False
     _models: dict[str, str] | None = None
@@ -276,40 +387,46 @@ class RequestRun:
         return self._sink_cache
 
     def _phase(self, name: str, warn_s: float, detail: dict[str, Any] | None = None) -> _Phase:
-        return _Phase(self.channel, name, warn_s, detail or {})
+        return _Phase(self.channel, self._deps.watch, name, warn_s, detail or {})
 
     def _metric(self, event_type: str, timing_key: str, start: float) -> None:
         ms = (time.monotonic() - start) * 1000
         self._timing[timing_key] = ms
-        self.channel.event(event_type, {"ms": round(ms, 3)})
+        self.channel.emit(event_type, {"ms": round(ms, 3)})
 
     def _timing_ms(self) -> dict[str, float]:
         return {**self._timing, "total_ms": (time.monotonic() - self._received) * 1000}
 
     def _succeed(self, data: bytes) -> None:
-        self._job_metrics()
-        self.channel.event("metrics.compute.completed", {"at": _now_rfc3339()})
-        self.channel.event("request.completed", {"function_name": self.spec.name})
+        self.channel.emit_many(
+            (
+                ("metrics.job", self._job_metrics()),
+                ("metrics.compute.completed", {"at": _now_rfc3339()}),
+                ("request.completed", {"function_name": self.spec.name}),
+            )
+        )
         timing = self._timing_ms()
         self.channel.finish(lambda seq: Result(seq, data, timing))
 
     def _fail(self, exc: BaseException) -> None:
         if self.is_finished:
             return
-        self.channel.event("request.failed", {"error_type": getattr(exc, "error_type", "internal")})
+        self.channel.emit("request.failed", {"error_type": getattr(exc, "error_type", "internal")})
         timing = self._timing_ms()
         name = self.spec.name
         self.channel.finish(
             lambda seq: failure_from_exception(exc, seq=seq, function=name, timing_ms=timing)
         )
 
-    def _job_metrics(self) -> None:
+    def _job_metrics(self) -> dict[str, Any]:
+        """The payload of ``metrics.job``."""
         payload: dict[str, Any] = {
             "schema_version": 1,
             "function_name": self.spec.name,
-            "models": dict(self._models or {}),
-            **{k: round(v, 3) for k, v in self._timing.items()},
+            "models": dict(self._models) if self._models else {},
         }
+        for key, value in self._timing.items():
+            payload[key] = round(value, 3)
         if self.spec.is_streaming:
             payload["deltas"] = self.channel.delta_count
         states = [s for s in (self._cache_states or {}).values() if s is not None]
@@ -317,22 +434,29 @@ class RequestRun:
             # The request was as cold as its coldest model.
             payload["cache_state"] = max(states, key=_CACHE_ORDER.index)
             payload["model_cache_states"] = dict(self._cache_states or {})
-        self.channel.event("metrics.job", payload)
+        return payload
 
     def _after(self) -> None:
         """Release the slot once the function has really stopped, then mark the run stopped."""
         if self._fetched_inputs and self._deps.assets is not None:
             self._deps.assets.cleanup(self.request_id)
 
-        def release() -> None:
-            if self._holds_slot:
-                self._holds_slot = False
-                self._deps.slots.release()
-            self.stopped.set()
-            if self.stopped_callback is not None:
-                self.stopped_callback()
+        self._call.when_stopped(self._release)
 
-        self._call.when_stopped(release)
+    def _release(self) -> None:
+        if self._holds_slot:
+            self._holds_slot = False
+            self._deps.slots.release()
+        self.stopped.set()
+        callback, self.stopped_callback = self.stopped_callback, None
+        listeners, self._stop_listeners = self._stop_listeners, None
+        # The task's coroutine and these callbacks refer back to this run: let go of them so
+        # refcounting frees a finished run instead of the cycle collector.
+        self._task = None
+        if callback is not None:
+            callback()
+        for listener in listeners or ():
+            listener()
 
 
 class _LazySink:
@@ -365,38 +489,47 @@ class _LazySink:
 class _Phase:
     """``request.<name>.started/completed/failed`` plus a one-shot ``stuck`` warning."""
 
+    __slots__ = ("_channel", "_detail", "_names", "_start", "_warn_s", "_watch")
+
     def __init__(
-        self, channel: OutcomeChannel, name: str, warn_s: float, detail: dict[str, Any]
+        self,
+        channel: OutcomeChannel,
+        watch: StuckWatch,
+        name: str,
+        warn_s: float,
+        detail: dict[str, Any],
     ) -> None:
         self._channel = channel
-        self._name = name
+        self._watch = watch
+        self._names = _PHASE_EVENTS[name]
         self._warn_s = warn_s
         self._detail = detail
         self._start = 0.0
-        self._timer: asyncio.TimerHandle | None = None
 
     def __enter__(self) -> None:
         self._start = time.monotonic()
-        self._channel.event(f"request.{self._name}.started", self._detail)
-        self._timer = asyncio.get_running_loop().call_later(self._warn_s, self._stuck)
+        self._channel.emit(self._names[0], self._detail)
+        self._watch.start(self, self._warn_s, self._stuck)
 
-    def _stuck(self) -> None:
-        elapsed = time.monotonic() - self._start
-        self._channel.event(f"request.{self._name}.stuck", {"elapsed_s": round(elapsed, 3)})
+    def _stuck(self, elapsed_s: float) -> None:
+        self._channel.emit(self._names[3], {"elapsed_s": round(elapsed_s, 3)})
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
     ) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._watch.stop(self, self._warn_s)
         ms = round((time.monotonic() - self._start) * 1000, 3)
         if exc is None:
-            self._channel.event(f"request.{self._name}.completed", {"ms": ms})
+            self._channel.emit(self._names[1], {"ms": ms})
         elif not isinstance(exc, asyncio.CancelledError):
-            self._channel.event(
-                f"request.{self._name}.failed", {"ms": ms, "error": type(exc).__name__}
-            )
+            self._channel.emit(self._names[2], {"ms": ms, "error": type(exc).__name__})
 
+
+#: Event types per phase, built once: (started, completed, failed, stuck).
+_PHASE_EVENTS = {
+    name: tuple(f"request.{name}.{what}" for what in ("started", "completed", "failed", "stuck"))
+    for name in ("model_resolve", "model_load", "inference")
+}
 
 _CACHE_ORDER = ["hot_vram", "warm_disk", "cold_remote"]
 

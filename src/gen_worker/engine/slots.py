@@ -39,10 +39,16 @@ class FifoSlots:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
-        """Take a slot, waiting in line; cancellation leaves the line cleanly."""
+    def try_acquire(self) -> bool:
+        """Take a free slot now if nobody waits for one; False otherwise (then ``acquire``)."""
         if self._in_use < self._limit and not self._waiters:
             self._in_use += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in line; cancellation leaves the line cleanly."""
+        if self.try_acquire():
             return
         if self._max_waiting is not None and len(self._waiters) >= self._max_waiting:
             raise BusyError(

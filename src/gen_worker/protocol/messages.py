@@ -61,11 +61,15 @@ PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 0
 
 
-class _Msg(msgspec.Struct, kw_only=True, omit_defaults=True):
+class _Msg(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Base: keyword-only construction.
 
     Every default is the proto3 default of its field (zero, empty, False): proto3 does not
     send a field holding its default, so any other default would change a value in transit.
+
+    ``gc=False``: messages are plain data that never refer back to themselves, so the cycle
+    collector need not track them; a scheduler keeps many thousands of them, and tracked they
+    made its every collection walk them all.
     """
 
 

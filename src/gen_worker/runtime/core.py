@@ -106,15 +106,17 @@ class WorkerCore:
         return actions
 
     def _dispatch(self, event: ct.Event) -> list[ct.Action]:
+        # Each case pattern is an isinstance check, tried in order: the per-request events
+        # (several per request) come first, the rare link and lifecycle events after.
         match event:
+            case ct.OutcomesProduced() | ct.OutcomeAcked() | ct.JobReceived() | ct.JobStopped():
+                return self._on_request(event)
+            case ct.OutcomeProduced() | ct.InterruptReceived():
+                return self._on_request(event)
             case ct.Dialed() | ct.DialFailed() | ct.StreamBroken() | ct.ReconnectDue():
                 return self._on_link(event)
             case ct.Redirected() | ct.RegistrationAcked():
                 return self._on_link(event)
-            case ct.OutcomeProduced() | ct.OutcomeAcked() | ct.JobReceived():
-                return self._on_request(event)
-            case ct.JobStopped() | ct.InterruptReceived():
-                return self._on_request(event)
             case ct.Start() | ct.RegisterTimedOut() | ct.ProtocolRejected():
                 return self._on_lifecycle(event)
             case _:
@@ -233,6 +235,8 @@ class WorkerCore:
 
     def _on_request(self, event: ct.RequestEvent) -> list[ct.Action]:
         match event:
+            case ct.OutcomesProduced():
+                return self._on_outcomes(event)
             case ct.OutcomeProduced():
                 return self._on_outcome(event)
             case ct.OutcomeAcked():
@@ -265,6 +269,24 @@ class WorkerCore:
             return []  # kept for the resume after the next acknowledged registration
         req.last_sent = event.seq
         return [ct.Send((event.payload,))]
+
+    def _on_outcomes(self, event: ct.OutcomesProduced) -> list[ct.Action]:
+        if not event.items:
+            return []
+        req = self._requests.setdefault((event.request_id, event.attempt), ct.RequestRecord())
+        buffered = req.outcomes
+        order = self._produced
+        for seq, payload in event.items:
+            buffered.append(ct.BufferedOutcome(seq, payload, order))
+            order += 1
+        self._produced = order
+        if event.terminal:
+            req.has_terminal = True
+            req.terminal = event.items[-1][1]
+        if self._link is not ct.Link.REGISTERED:
+            return []  # kept for the resume after the next acknowledged registration
+        req.last_sent = event.items[-1][0]
+        return [ct.Send(tuple(payload for _, payload in event.items))]
 
     def _trim(self, key: ct.RequestKey, through_seq: int) -> None:
         req = self._requests.get(key)

@@ -41,6 +41,7 @@ __all__ = [
     "LinkEvent",
     "OutcomeAcked",
     "OutcomeProduced",
+    "OutcomesProduced",
     "Phase",
     "ProtocolRejected",
     "ReconnectDue",
@@ -140,15 +141,19 @@ class ExitCode(enum.IntEnum):
 # ---- the core's own records (not for the shell) ----------------------------------------
 
 
-class BufferedOutcome(msgspec.Struct, frozen=True):
-    """One outcome the core keeps until the scheduler acknowledges it."""
+class BufferedOutcome(msgspec.Struct, frozen=True, gc=False):
+    """One outcome the core keeps until the scheduler acknowledges it.
+
+    (``gc=False``, like RequestRecord: plain data with no way back to itself, kept by the
+    thousand while acknowledgements are in flight.)
+    """
 
     seq: int
     payload: Any
     order: int  # position in the worker-wide production order
 
 
-class RequestRecord(msgspec.Struct):
+class RequestRecord(msgspec.Struct, gc=False):
     """What the core knows of one (request_id, attempt): its run and its undelivered outcomes."""
 
     running: bool = False
@@ -219,6 +224,20 @@ class OutcomeProduced(msgspec.Struct, frozen=True, tag=True):
     payload: Any  # the shell's message, sent as is
 
 
+class OutcomesProduced(msgspec.Struct, frozen=True, tag=True):
+    """Several outcomes of one request at once, in seq order; the last may be its terminal.
+
+    The same as one OutcomeProduced per item, in order, with the sends merged into one
+    action: a request's outcomes usually arrive together (a no-op request's ten at once), and
+    each event through the core costs a dispatch, an action and a write of its own.
+    """
+
+    request_id: str
+    attempt: int
+    items: tuple[tuple[int, Any], ...]  # (seq, payload)
+    terminal: bool  # whether the last item is the terminal outcome
+
+
 class OutcomeAcked(msgspec.Struct, frozen=True, tag=True):
     """The scheduler has every outcome of the request up to ``through_seq`` (cumulative)."""
 
@@ -268,7 +287,7 @@ LinkEvent: TypeAlias = (
     Dialed | DialFailed | StreamBroken | ReconnectDue | Redirected | RegistrationAcked
 )
 RequestEvent: TypeAlias = (
-    OutcomeProduced | OutcomeAcked | JobReceived | JobStopped | InterruptReceived
+    OutcomesProduced | OutcomeProduced | OutcomeAcked | JobReceived | JobStopped | InterruptReceived
 )
 LifecycleEvent: TypeAlias = Start | RegisterTimedOut | ProtocolRejected
 DrainEvent: TypeAlias = SignalReceived | DrainRequested | DrainDeadline | FinalDeadline

@@ -15,10 +15,88 @@ import msgspec
 from gen_worker.discovery import EndpointLock
 from gen_worker.engine import Delta, Event, Failure, Log, Outcome, Progress, Result
 from gen_worker.protocol import messages as m
+from gen_worker.protocol.wire import RequestWire
 
-__all__ = ["failure_message", "function_infos", "host_info", "outcome_message"]
+__all__ = [
+    "OutcomeEncoder",
+    "failure_message",
+    "function_infos",
+    "host_info",
+    "model_unsupported",
+    "outcome_message",
+]
 
 _encode = msgspec.json.Encoder().encode
+
+
+class OutcomeEncoder:
+    """One request's outcomes straight to serialized wire messages (bytes).
+
+    The same messages as :func:`outcome_message` followed by protobuf serialization, without
+    building a typed message and a protobuf object for each of them: the per-request path of
+    the worker (about ten outcomes per request, one per delta when streaming).
+    """
+
+    __slots__ = ("_streaming", "_wire")
+
+    def __init__(self, ref: m.RequestRef, *, streaming: bool) -> None:
+        self._wire = RequestWire(ref)
+        self._streaming = streaming
+
+    def encode_batch(self, batch: list[Outcome], delta_count: int) -> tuple[tuple[int, bytes], ...]:
+        """``(seq, message)`` for each outcome, in order (events and deltas inlined)."""
+        wire = self._wire
+        event = wire.event
+        out: list[tuple[int, bytes]] = []
+        append = out.append
+        for outcome in batch:
+            if type(outcome) is Event:
+                append(
+                    (outcome.seq, event(outcome.seq, outcome.event_type, _encode(outcome.payload)))
+                )
+            elif type(outcome) is Delta:
+                append((outcome.seq, wire.delta(outcome.seq, outcome.data)))
+            else:
+                append((outcome.seq, self.encode(outcome, delta_count)))
+        return tuple(out)
+
+    def encode(self, outcome: Outcome, delta_count: int = 0) -> bytes:
+        # Exact type checks first: the two kinds that make up nearly all outcomes.
+        if type(outcome) is Event:
+            return self._wire.event(outcome.seq, outcome.event_type, _encode(outcome.payload))
+        if type(outcome) is Delta:
+            return self._wire.delta(outcome.seq, outcome.data)
+        if isinstance(outcome, Progress | Log):
+            message = _event_message(outcome, m.RequestRef(request_id=""))
+            return self._wire.event(outcome.seq, message.event_type, message.payload_json)
+        assert isinstance(outcome, Result | Failure)
+        return self._terminal(outcome, delta_count)
+
+    def _terminal(self, outcome: Result | Failure, delta_count: int) -> bytes:
+        if isinstance(outcome, Result):
+            if self._streaming:
+                return self._wire.stream_done(outcome.seq, delta_count, outcome.timing_ms)
+            return self._wire.result(
+                outcome.seq, success=True, output=outcome.output, timing_ms=outcome.timing_ms
+            )
+        if self._streaming:
+            return self._wire.stream_error(
+                outcome.seq,
+                error_type=outcome.error_type,
+                retryable=outcome.retryable,
+                safe_message=outcome.safe_message,
+                error_message=outcome.error_message,
+                timing_ms=outcome.timing_ms,
+            )
+        return self._wire.result(
+            outcome.seq,
+            success=False,
+            error_type=outcome.error_type,
+            retryable=outcome.retryable,
+            safe_message=outcome.safe_message,
+            error_message=outcome.error_message,
+            timing_ms=outcome.timing_ms,
+        )
 
 
 def outcome_message(
@@ -154,3 +232,10 @@ def host_info(image_digest: str, git_commit: str, build_time: str) -> m.HostInfo
         python_version=platform.python_version(),
         hostname=socket.gethostname(),
     )
+
+
+def model_unsupported(message: m.LoadModel | m.UnloadModel, model: str) -> Any:
+    """The answer to a model command this worker version cannot carry out."""
+    kind = m.LoadModelResult if isinstance(message, m.LoadModel) else m.UnloadModelResult
+    text = "loading and unloading models is not supported by this worker version"
+    return kind(model_id=model, ok=False, reason="not_supported", error_message=text)

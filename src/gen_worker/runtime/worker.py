@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import signal
 import threading
@@ -19,20 +20,25 @@ from typing import Any
 import msgspec
 
 from gen_worker.discovery.endpoint import LoadedEndpoint
-from gen_worker.engine import Codec, Engine, RequestMeta, RequestRun, Result
+from gen_worker.engine import Codec, Engine, Outcome, RequestMeta, RequestRun, Result
 from gen_worker.logs import log
 from gen_worker.protocol import messages as m
 from gen_worker.runtime import core_types as ct
 from gen_worker.runtime.batches import BatchPlan, batch_result, plan_batch
 from gen_worker.runtime.core import WorkerCore
-from gen_worker.runtime.messages import function_infos, host_info, outcome_message
+from gen_worker.runtime.link import CLOSE, Link, closed_event
+from gen_worker.runtime.messages import (
+    OutcomeEncoder,
+    function_infos,
+    host_info,
+    model_unsupported,
+    outcome_message,
+)
 from gen_worker.transport.stream import StreamClosed, WorkerStream, connect
 
 __all__ = ["Identity", "Worker"]
 
 Connect = Callable[..., Awaitable[WorkerStream]]
-_CLOSE = object()  # the writer's "flush, then close the stream" marker
-_MAX_FRAME = 512  # messages per frame: bounds one write's size and latency
 
 
 @dataclass
@@ -46,16 +52,6 @@ class Identity:
     image_digest: str = ""
     git_commit: str = ""
     build_time: str = ""
-
-
-class _Link:
-    """One open stream: its reader and writer tasks and its ordered outbox."""
-
-    def __init__(self, stream: WorkerStream) -> None:
-        self.stream = stream
-        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
-        self.tasks: list[asyncio.Task[None]] = []
-        self.closed = False
 
 
 class Worker:
@@ -80,13 +76,17 @@ class Worker:
         self.endpoint = endpoint
         self.engine = engine
         self._connect = connect_stream
-        self._link: _Link | None = None
+        self._link: Link | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._runs: dict[ct.RequestKey, RequestRun] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._disabled: set[str] = set()
         self._pending_events: list[m.WorkerEvent] = []
+        # The reader runs the job request it just read itself (see _reader): set while it
+        # handles one message, and the run it is to execute.
+        self._inline_ok = False
+        self._inline: RequestRun | None = None
         self._exit: asyncio.Future[int] | None = None
         self.canceled = 0
         #: Requests that finished successfully while draining (the drain result reports it).
@@ -146,16 +146,20 @@ class Worker:
     # -- actions --------------------------------------------------------------------------------
 
     def _do(self, action: ct.Action) -> None:  # noqa: C901, PLR0912  # one case per action
+        # Each case is an isinstance check, tried in order: the per-request actions first.
         match action:
+            case ct.Send(payloads=payloads):
+                link = self._link
+                if link is not None and not link.closed:
+                    link.outbox.extend(payloads)
+            case ct.StartJob(request_id=rid, attempt=attempt, payload=m.JobRequest() as job):
+                self._start_job((rid, attempt), job)
             case ct.Dial(address=address):
                 self._spawn(self._dial(address))
             case ct.ScheduleReconnect(delay_s=delay):
                 self._timer("reconnect", delay, ct.ReconnectDue())
             case ct.SendRegistration(assignments=assignments):
                 self._write(self._registration(assignments))
-            case ct.Send(payloads=payloads):
-                for payload in payloads:
-                    self._write(payload)
             case ct.StartHeartbeat(interval_s=interval):
                 self._start_heartbeat(interval)
             case ct.StopHeartbeat():
@@ -165,10 +169,8 @@ class Worker:
             case ct.DisarmWatchdog():
                 self._cancel_timer("watchdog")
                 self._on_registered()
-            case ct.StartJob(request_id=rid, attempt=attempt, payload=BatchPlan() as plan):
+            case ct.StartJob(request_id=rid, attempt=attempt, payload=plan):
                 self._start_batch((rid, attempt), plan)
-            case ct.StartJob(request_id=rid, attempt=attempt, payload=job):
-                self._start_job((rid, attempt), job)
             case ct.ReplayResult(payload=payload):
                 self._write(payload)
             case ct.RejectJob(request_id=rid, attempt=attempt, reason=reason):
@@ -192,7 +194,7 @@ class Worker:
                     )
                 )
             case ct.CloseStream():
-                self._write(_CLOSE)
+                self._write(CLOSE)
             case ct.Exit(code=code, reason=reason):
                 self._on_exit(code, reason)
 
@@ -202,49 +204,101 @@ class Worker:
         try:
             stream = await self._connect(address, tls=self.identity.tls, token=self.identity.token)
         except StreamClosed as exc:
-            self.handle(_closed_event(exc, dial=True))
+            self.handle(closed_event(exc, dial=True))
             return
-        link = _Link(stream)
+        link = Link(stream)
         self._link = link
-        link.tasks = [
-            asyncio.create_task(self._reader(link)),
-            asyncio.create_task(self._writer(link)),
-        ]
+        link.reader = asyncio.create_task(self._reader(link))
+        link.writer = asyncio.create_task(self._writer(link))
         self.handle(ct.Dialed())
 
     def _write(self, message: Any) -> None:
         link = self._link
         if link is not None and not link.closed:
-            link.outbox.put_nowait(message)
+            link.outbox.put(message)
 
-    async def _writer(self, link: _Link) -> None:
+    async def _writer(self, link: Link) -> None:
         while True:
-            batch = [await link.outbox.get()]
-            # Whatever queued up meanwhile goes in the same frame (order kept, close last).
-            while batch[-1] is not _CLOSE and not link.outbox.empty() and len(batch) < _MAX_FRAME:
-                batch.append(link.outbox.get_nowait())
-            closing = batch[-1] is _CLOSE
-            messages = batch[:-1] if closing else batch
-            try:
-                if messages:
-                    await link.stream.send_many(messages)
-            except StreamClosed as exc:
-                await self._drop(link, exc)
-                return
+            await link.outbox.wait()
+            async with link.writing:
+                # Taken once the previous write is done: whatever queued up meanwhile (the
+                # answers of several requests under load) goes in one frame, in order.
+                try:
+                    closing = await link.write_queued(close=True)
+                except StreamClosed as exc:
+                    await self._drop(link, exc)
+                    return
             if closing:
                 await self._drop(link, None)
                 return
 
-    async def _reader(self, link: _Link) -> None:
+    async def _reader(self, link: Link) -> None:
+        """Read and handle the scheduler's messages, until a job request hands over.
+
+        A job request's run is executed by the reader task itself, without a task of its own:
+        the reader passes the reading on to a new task and runs the request right away. A
+        no-op request then ends, and its answer is written, in the very step its request
+        arrived in; the next read (a costly grpc call) is issued after that, not before.
+        """
+        run: RequestRun | None = None
         try:
-            async for message in link.stream:
-                self._on_message(message)
+            while run is None:
+                run = self._on_read(await link.stream.read())
         except StreamClosed as exc:
             await self._drop(link, exc)
+            return
         except Exception as exc:  # a malformed message: the stream cannot be trusted any more
             await self._drop(link, StreamClosed("broken", f"{type(exc).__name__}: {exc}"))
+            return
+        await self._hand_over(link, run)
 
-    async def _drop(self, link: _Link, reason: StreamClosed | None) -> None:
+    def _on_read(self, message: m.SchedulerMessage) -> RequestRun | None:
+        """Handle one message; the run the reader is to execute, if it started one."""
+        self._inline_ok = True
+        try:
+            self._on_message(message)
+        except BaseException:
+            run, self._inline = self._inline, None
+            if run is not None:  # started before the failure: it still runs, in its own task
+                self._spawn(run.execute())
+            raise
+        finally:
+            self._inline_ok = False
+        run, self._inline = self._inline, None
+        return run
+
+    async def _hand_over(self, link: Link, run: RequestRun) -> None:
+        """Pass the reading to a new task, then run ``run`` in this one."""
+        me = asyncio.current_task()
+        assert me is not None
+        if link.reader is me and not link.closed:
+            # The next reader's first step (the next read) runs after this step, in which a
+            # short run ends and its answer is written; a stream that breaks meanwhile
+            # cancels that reader, not this run.
+            link.reader = asyncio.create_task(self._reader(link))
+        self._tasks.add(me)  # canceled at teardown like any spawned task
+        try:
+            await run.execute()
+            # A short run has ended within this very step, its answer queued: write it from
+            # here, an iteration before the writer task would. The stream's write lock keeps
+            # the order (whoever takes from the outbox first also locks first).
+            await self._write_now()
+        finally:
+            self._tasks.discard(me)
+
+    async def _write_now(self) -> None:
+        link = self._link
+        if link is None or link.closed or link.writing.locked():
+            # A write is in flight: the writer sends ours after it, with whatever else queues
+            # up meanwhile, as one frame (fewer, larger writes when busy).
+            return
+        async with link.writing:  # free, so taken without waiting: nothing can come between
+            try:
+                await link.write_queued(close=False)
+            except StreamClosed as exc:
+                await self._drop(link, exc)
+
+    async def _drop(self, link: Link, reason: StreamClosed | None) -> None:
         """Close a stream once; tell the core unless we closed it on purpose."""
         if link.closed:
             return
@@ -260,7 +314,7 @@ class Worker:
             if task is not current:
                 task.cancel()
         if reason is not None:
-            self.handle(_closed_event(reason, dial=False))
+            self.handle(closed_event(reason, dial=False))
 
     # -- messages from the scheduler -----------------------------------------------------------
 
@@ -289,7 +343,7 @@ class Worker:
             case m.RuntimeBatchingConfig(function_name=name, preferred_batch_size=size):
                 self._on_batching(name, size)
             case m.LoadModel(model_id=model) | m.UnloadModel(model_id=model):
-                self._write(_model_unsupported(message, model))
+                self._write(model_unsupported(message, model))
             case m.SchedulerEvent(event_type="jwt.rotated", jwt=token) if token:
                 self._spawn(self._rotate_token(token))
             case _:
@@ -370,8 +424,9 @@ class Worker:
             timeout_ms=job.timeout_ms or None, required_models=tuple(job.required_models),
             codec=Codec.MSGPACK,
         )  # fmt: skip
+        inline = self._inline_ok and self._inline is None
         try:
-            run = self.engine.start(spec, job.payload, meta)
+            run = self.engine.start(spec, job.payload, meta, own_task=not inline)
         except Exception as exc:  # e.g. the same request id is still stopping from an attempt
             failure = m.JobResult(ref=ref, error_type="retryable", retryable=True,
                                   safe_message=str(exc), error_message=str(exc))  # fmt: skip
@@ -379,20 +434,36 @@ class Worker:
             self.handle(ct.JobStopped(key[0], key[1]))
             return
         self._runs[key] = run
-        self._spawn(self._pump(key, run, ref, spec.is_streaming))
+        # Pushed, not pulled: the run's outcomes come to _on_outcomes in batches (from a loop
+        # callback, or at once as the run ends; no reader task per request) and are encoded
+        # for the wire right there.
+        encoder = OutcomeEncoder(ref, streaming=spec.is_streaming)
+        run.channel.attach(functools.partial(self._on_outcomes, key, run, encoder))
+        run.on_stopped(functools.partial(self._on_run_stopped, key, run))
+        if inline:
+            self._inline = run  # the reader executes it
 
-    async def _pump(
-        self, key: ct.RequestKey, run: RequestRun, ref: m.RequestRef, streaming: bool
+    def _on_outcomes(
+        self, key: ct.RequestKey, run: RequestRun, encoder: OutcomeEncoder, batch: list[Outcome]
     ) -> None:
-        async for outcome in run.channel:
-            at = msgspec.structs.replace(ref, seq=outcome.seq)
-            count = run.channel.delta_count
-            message = outcome_message(outcome, at, streaming=streaming, delta_count=count)
-            terminal = outcome is run.channel.terminal
-            if terminal and self.core.draining and isinstance(outcome, Result):
-                self.completed += 1
-            self.handle(ct.OutcomeProduced(key[0], key[1], outcome.seq, terminal, message))
-        await run.stopped.wait()
+        channel = run.channel
+        items = encoder.encode_batch(batch, channel.delta_count)
+        last = batch[-1]
+        terminal = last is channel.terminal
+        if terminal and self.core.draining and isinstance(last, Result):
+            self.completed += 1
+        self.handle(ct.OutcomesProduced(key[0], key[1], items, terminal))
+
+    def _on_run_stopped(self, key: ct.RequestKey, run: RequestRun) -> None:
+        # The core must have the terminal outcome before it hears that the run stopped. It
+        # usually has (the channel hands the terminal over as it is posted); if a flush is
+        # still to come, go after it (call_soon is FIFO).
+        if run.channel.has_pending:
+            asyncio.get_running_loop().call_soon(self._job_stopped, key)
+        else:
+            self._job_stopped(key)
+
+    def _job_stopped(self, key: ct.RequestKey) -> None:
         self._runs.pop(key, None)
         self.handle(ct.JobStopped(key[0], key[1]))
 
@@ -453,14 +524,11 @@ class Worker:
             max_concurrency=self.engine.slots.limit,
             host=host_info(identity.image_digest, identity.git_commit, identity.build_time),
             gpu_busy=self.engine.slots.in_use > 0, draining=self.core.draining,
-            assignments=self._assignments(assignments),
+            assignments=[
+                m.Assignment(request_id=rid, attempt_epoch=att, sent_count=seq + 1)
+                for rid, att, seq in assignments
+            ],
         )  # fmt: skip
-
-    def _assignments(self, items: tuple[ct.Assignment, ...]) -> list[m.Assignment]:
-        return [
-            m.Assignment(request_id=rid, attempt_epoch=att, sent_count=seq + 1)
-            for rid, att, seq in items
-        ]
 
     def _heartbeat_message(self) -> m.Heartbeat:
         slots = self.engine.slots
@@ -516,8 +584,8 @@ class Worker:
         if link is not None:
             # The writer ends by itself after sending what was queued before the close marker
             # (the drain result, a worker.fatal event); cancelling it sooner could lose them.
-            self._write(_CLOSE)
-            writer = link.tasks[1] if len(link.tasks) > 1 else None
+            self._write(CLOSE)
+            writer = link.writer
             if writer is not None:
                 with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(writer), 3.0)
@@ -527,17 +595,3 @@ class Worker:
         await self.engine.shutdown(grace_s=0)
         for task in list(self._tasks):
             task.cancel()
-
-
-def _closed_event(exc: StreamClosed, *, dial: bool) -> ct.Event:
-    if exc.kind in ("rejected", "unauthenticated"):
-        return ct.ProtocolRejected(exc.detail)
-    if exc.kind == "redirect":
-        return ct.Redirected(exc.address)
-    return ct.DialFailed(exc.detail) if dial else ct.StreamBroken(exc.detail)
-
-
-def _model_unsupported(message: m.LoadModel | m.UnloadModel, model: str) -> Any:
-    kind = m.LoadModelResult if isinstance(message, m.LoadModel) else m.UnloadModelResult
-    text = "loading and unloading models is not supported by this worker version"
-    return kind(model_id=model, ok=False, reason="not_supported", error_message=text)

@@ -18,18 +18,28 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
-from gen_worker.config import EngineSettings, load_engine_settings, load_runner_settings
+from gen_worker.config import (
+    EngineSettings,
+    ModelSettings,
+    load_engine_settings,
+    load_model_settings,
+    load_runner_settings,
+)
 from gen_worker.devserver import DevRunner
+from gen_worker.devserver.model_routes import ModelRoutes
 from gen_worker.discovery.endpoint import LoadedEndpoint, load_from_lock, load_from_project
 from gen_worker.engine import DEFAULT_CANCEL_GRACE_S, Engine, LocalModels, resolve_concurrency
 from gen_worker.errors import GenWorkerError
 from gen_worker.files import AssetFetcher, LocalOutputSink
+from gen_worker.logs import log
+from gen_worker.models.source import ModelSource, build_model_source
 
 __all__ = ["SHUTDOWN_GRACE_S", "add_arguments", "build_runner", "main", "parse_listen", "run"]
 
@@ -123,9 +133,15 @@ def build_runner(
     model_dirs: dict[str, Path] | None = None,
     max_queue: int | None = 100,
     cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
+    model_settings: ModelSettings | None = None,
 ) -> DevRunner:
-    """A dev runner over a fresh engine for ``endpoint``, writing outputs under ``outputs``."""
+    """A dev runner over a fresh engine for ``endpoint``, writing outputs under ``outputs``.
+
+    Models are prefetched into the store and through the hub that ``model_settings`` name
+    (default: read from the environment, TENSORHUB_URL and TENSORHUB_CACHE_DIR).
+    """
     settings = settings or load_engine_settings()
+    model_settings = model_settings or load_model_settings()
     lock = endpoint.lock
     declared = {k: m.ref for k, m in lock.models.items()}
     folders = dict(model_dirs or {})
@@ -149,7 +165,18 @@ def build_runner(
         assets=AssetFetcher(outputs / ".inputs", max_bytes=settings.max_input_file_bytes,
                             allow_private_hosts=True, local_refs_root=outputs),
     )  # fmt: skip
-    return DevRunner(engine, lock)
+    return DevRunner(engine, lock, models=ModelRoutes(_model_source(model_settings)))
+
+
+def _model_source(settings: ModelSettings) -> Callable[[ModelRoutes], ModelSource]:
+    def make(routes: ModelRoutes) -> ModelSource:
+        def on_event(event_type: str, payload: dict[str, Any]) -> None:
+            routes.on_event(event_type, payload)
+            log("info", event_type, **payload)
+
+        return build_model_source(settings, on_event=on_event)
+
+    return make
 
 
 class _Server(uvicorn.Server):

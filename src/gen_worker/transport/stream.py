@@ -86,12 +86,14 @@ class WorkerStream:
     async def send(self, message: WorkerMessage) -> None:
         await self._write(worker_to_pb(message))
 
-    async def send_many(self, messages: list[WorkerMessage]) -> None:
-        """Send in order, as one frame when there are several."""
-        if len(messages) == 1:
-            await self._write(worker_to_pb(messages[0]))
-        else:
-            await self._write(worker_batch_to_pb([worker_to_pb(x) for x in messages]))
+    async def send_many(self, messages: list[WorkerMessage | bytes]) -> None:
+        """Send in order, as one frame when there are several.
+
+        An item may already be a serialized ``WorkerMessage`` (bytes): the worker encodes its
+        per-request outcomes itself, straight to bytes.
+        """
+        encoded = [x if isinstance(x, bytes) else worker_to_pb(x) for x in messages]
+        await self._write(encoded[0] if len(encoded) == 1 else worker_batch_to_pb(encoded))
 
     async def _write(self, data: bytes) -> None:
         try:
@@ -102,15 +104,19 @@ class WorkerStream:
         except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             raise StreamClosed("broken", f"write after close ({exc})") from None
 
+    async def read(self) -> SchedulerMessage:
+        """The next message from the scheduler; StreamClosed when there is none any more."""
+        try:
+            data = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise _closed_from(exc) from None
+        if data is grpc.aio.EOF:
+            raise StreamClosed("broken", "the scheduler closed the stream")
+        return scheduler_from_pb(data)
+
     async def __aiter__(self) -> AsyncIterator[SchedulerMessage]:
         while True:
-            try:
-                data = await self._call.read()
-            except grpc.aio.AioRpcError as exc:
-                raise _closed_from(exc) from None
-            if data is grpc.aio.EOF:
-                raise StreamClosed("broken", "the scheduler closed the stream")
-            yield scheduler_from_pb(data)
+            yield await self.read()
 
     async def close(self, *, linger_s: float = 1.0) -> None:
         """Half-close, give the scheduler ``linger_s`` to take what was written, then end."""
@@ -183,6 +189,11 @@ class SchedulerSession:
         async for data in self._requests:
             for message in worker_messages_from_pb(data):
                 yield message
+
+    async def frames(self) -> AsyncIterator[list[WorkerMessage]]:
+        """The messages a frame at a time (a request's outcomes usually arrive as one)."""
+        async for data in self._requests:
+            yield worker_messages_from_pb(data)
 
     async def abort(self, status: str, details: str) -> None:
         """End the stream with a gRPC status named like ``"UNAVAILABLE"``."""
