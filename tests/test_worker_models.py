@@ -44,7 +44,7 @@ def _prefetch(
     events: list[tuple[str, dict[str, Any]]] = []
 
     async def go() -> None:
-        models = WorkerModels(build_model_source(settings), settings)
+        models = WorkerModels(settings)
         try:
             await models.prefetch(config, lambda kind, payload: events.append((kind, payload)))
             assert models.downloading == set()
@@ -84,5 +84,40 @@ def test_resolved_models_are_fetched_and_reported(tmp_path: Path) -> None:
         ready_ids = sorted(p["model_id"] for k, p in events if k == "model.ready")
         assert ready_ids == ["acme/a:latest", "acme/b:latest"]
         assert not [p for k, p in events if k == "model.download.failed"]
-        models = WorkerModels(build_model_source(allowed), allowed)
+        models = WorkerModels(allowed, build_model_source(allowed))
         assert models.warm() == ["acme/a:latest", "acme/b:latest"]
+
+
+def test_a_real_worker_prefetches_what_the_endpoint_config_lists(tmp_path: Path) -> None:
+    import msgspec
+    from test_worker_integration import PROJECT, Harness, run, until
+
+    from gen_worker.discovery import discover, encode_lock
+
+    _publish(tmp_path, "acme/a:latest", b"a" * 3000)
+    with HubServer(tmp_path / "hub") as hub:
+        resolution = _resolution(hub, "acme/a:latest")
+        lock = tmp_path / "endpoint.lock"
+        lock.write_bytes(encode_lock(discover(PROJECT, isolated=True).lock))
+        harness = Harness(tmp_path, lock)
+
+        async def scenario() -> None:
+            async with harness.serving() as s:
+                config = m.EndpointConfig(resolved_models=[resolution])
+                assert await s.sched.send(config, s.conn.worker_id)
+
+                def kinds() -> list[str]:
+                    return [e.event_type for e in s.conn.worker_events]
+
+                await until(lambda: "models.disk_inventory" in kinds(), 10, "prefetch")
+                ready = [
+                    msgspec.json.decode(e.payload_json)
+                    for e in s.conn.worker_events
+                    if e.event_type == "model.ready"
+                ]
+                assert [r["model_id"] for r in ready] == ["acme/a:latest"]
+                assert Path(ready[0]["path"], "weights.safetensors").read_bytes() == b"a" * 3000
+                assert Path(ready[0]["path"]).is_relative_to(tmp_path / "hub-cache" / "cas")
+                assert kinds().index("model.download.started") < kinds().index("model.ready")
+
+        run(scenario())

@@ -19,13 +19,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from gen_worker.config import WorkerSettings, load_worker_settings, tls_for
+import msgspec
+
+from gen_worker.config import WorkerSettings, load_model_settings, load_worker_settings, tls_for
 from gen_worker.discovery.endpoint import LoadedEndpoint, load_from_lock
 from gen_worker.engine import Engine, resolve_concurrency
 from gen_worker.errors import GenWorkerError
 from gen_worker.files import AssetFetcher, LocalOutputSink
 from gen_worker.logs import log
 from gen_worker.runtime import core_types as ct
+from gen_worker.runtime.models import WorkerModels
 from gen_worker.runtime.worker import Identity, Worker
 
 __all__ = ["main", "run_inference"]
@@ -153,6 +156,11 @@ async def run_inference(settings: WorkerSettings) -> int:
     try:
         endpoint = load_from_lock(settings.manifest_path, settings.endpoint_root)
         identity = await _identity(settings, address)
+        # One cache folder for the whole worker: the one the settings checked at preflight.
+        model_settings = load_model_settings()
+        models = WorkerModels(
+            msgspec.structs.replace(model_settings, cache_dir=settings.tensorhub_cache_dir)
+        )
     except GenWorkerError as exc:
         return _fatal("boot", exc)
     worker = Worker(
@@ -162,8 +170,12 @@ async def run_inference(settings: WorkerSettings) -> int:
         _engine(settings, endpoint),
         verify_token=_token_verifier(settings),
         heartbeat_interval_s=settings.heartbeat_interval_s,
+        models=models,
     )
-    return await worker.run()
+    try:
+        return await worker.run()
+    finally:
+        await models.aclose()
 
 
 def main() -> int:

@@ -14,17 +14,35 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gen_worker.config import ModelSettings
 from gen_worker.errors import GenWorkerError
 from gen_worker.models.manifest import ManifestEntry, SnapshotManifest
-from gen_worker.models.source import ModelSource
 from gen_worker.protocol import messages as m
 
-__all__ = ["WorkerModels", "manifest_of"]
+if TYPE_CHECKING:
+    # Imported when first needed: the download stack (httpx) costs startup time, and a worker
+    # whose endpoint config lists no models never uses it.
+    from gen_worker.models.source import ModelSource
+
+__all__ = ["WorkerModels", "availability_changes", "manifest_of"]
 
 Emit = Callable[[str, dict[str, Any]], None]
+
+
+def availability_changes(
+    before: set[str], disabled: set[str], known: set[str]
+) -> list[m.FunctionAvailability]:
+    """What to tell the scheduler when an endpoint config changes the disabled functions."""
+    changes = []
+    for name in sorted((disabled ^ before) & known):
+        available = name not in disabled
+        reason = "" if available else "disabled by the endpoint config"
+        changes.append(
+            m.FunctionAvailability(function_name=name, available=available, reason=reason)
+        )
+    return changes
 
 
 def manifest_of(model: m.ResolvedModel) -> SnapshotManifest:
@@ -38,14 +56,23 @@ def manifest_of(model: m.ResolvedModel) -> SnapshotManifest:
 class WorkerModels:
     """Prefetches the endpoint's models into the store and reports the store's contents."""
 
-    def __init__(self, source: ModelSource, settings: ModelSettings) -> None:
-        self.source = source
+    def __init__(self, settings: ModelSettings, source: ModelSource | None = None) -> None:
         self.settings = settings
+        self._source = source
         self._limit = asyncio.Semaphore(max(1, settings.max_concurrent_downloads))
         self.downloading: set[str] = set()
 
+    @property
+    def source(self) -> ModelSource:
+        if self._source is None:
+            from gen_worker.models.source import build_model_source  # noqa: PLC0415
+
+            self._source = build_model_source(self.settings)
+        return self._source
+
     async def aclose(self) -> None:
-        await self.source.aclose()
+        if self._source is not None:
+            await self._source.aclose()
 
     def warm(self) -> list[str]:
         """Refs (or digests) of the complete snapshots in the store."""

@@ -34,6 +34,7 @@ from gen_worker.runtime.messages import (
     model_unsupported,
     outcome_message,
 )
+from gen_worker.runtime.models import WorkerModels, availability_changes
 from gen_worker.transport.stream import StreamClosed, WorkerStream, connect
 
 __all__ = ["Identity", "Worker"]
@@ -66,7 +67,9 @@ class Worker:
         rng: random.Random | None = None,
         verify_token: Callable[[str], Awaitable[Any]] | None = None,
         heartbeat_interval_s: float = 10.0,
+        models: WorkerModels | None = None,
     ) -> None:
+        self.models = models  # prefetches the endpoint config's models (None: no store)
         #: Used when the scheduler's acknowledgement does not set an interval.
         self.heartbeat_interval_s = heartbeat_interval_s
         #: Checks a rotated token before it is used (JWKS verification when configured).
@@ -338,8 +341,8 @@ class Worker:
                 self._on_interrupt(message)
             case m.Drain(deadline_s=deadline):
                 self.handle(ct.DrainRequested(deadline if deadline > 0 else None))
-            case m.EndpointConfig(disabled_functions=disabled):
-                self._on_endpoint_config(set(disabled))
+            case m.EndpointConfig():
+                self._on_endpoint_config(message)
             case m.RuntimeBatchingConfig(function_name=name, preferred_batch_size=size):
                 self._on_batching(name, size)
             case m.LoadModel(model_id=model) | m.UnloadModel(model_id=model):
@@ -358,15 +361,14 @@ class Worker:
             return
         self.handle(ct.JobReceived(batch.batch_id, 0, plan))
 
-    def _on_endpoint_config(self, disabled: set[str]) -> None:
-        """Disabled functions refuse requests; say so, and clear functions enabled again."""
+    def _on_endpoint_config(self, config: m.EndpointConfig) -> None:
+        """Prefetch the models in the background; disabled functions refuse requests."""
+        if self.models is not None:
+            self._spawn(self.models.prefetch(config, self.worker_event))
+        disabled = set(config.disabled_functions)
         known = {spec.name for spec in self.engine.functions}
-        for name in sorted((disabled ^ self._disabled) & known):
-            available = name not in disabled
-            reason = "" if available else "disabled by the endpoint config"
-            self._write(
-                m.FunctionAvailability(function_name=name, available=available, reason=reason)
-            )
+        for change in availability_changes(self._disabled, disabled, known):
+            self._write(change)
         self._disabled = disabled
 
     async def _rotate_token(self, token: str) -> None:
