@@ -421,7 +421,7 @@ def test_outputs_go_to_the_sink(tmp_path: Path) -> None:
     outcomes = once(
         with_assets.save_to,
         b'{"ref": "a/b.txt"}',
-        engine_kwargs={"outputs": lambda rid: LocalOutputSink(tmp_path, rid)},
+        engine_kwargs={"outputs": lambda meta: LocalOutputSink(tmp_path, meta.request_id)},
         request_id="out1",
     )
     result = terminal(outcomes)
@@ -432,7 +432,7 @@ def test_outputs_go_to_the_sink(tmp_path: Path) -> None:
         once(
             with_assets.save_to,
             b'{"ref": "../escape.txt"}',
-            engine_kwargs={"outputs": lambda rid: LocalOutputSink(tmp_path, rid)},
+            engine_kwargs={"outputs": lambda meta: LocalOutputSink(tmp_path, meta.request_id)},
             request_id="out2",
         )
     )

@@ -21,11 +21,20 @@ from typing import Any
 
 import msgspec
 
-from gen_worker.config import WorkerSettings, load_model_settings, load_worker_settings, tls_for
+from gen_worker.authoring import OutputSink
+from gen_worker.config import (
+    ModelSettings,
+    WorkerSettings,
+    load_model_settings,
+    load_worker_settings,
+    tls_for,
+)
 from gen_worker.discovery.endpoint import LoadedEndpoint, load_from_lock
-from gen_worker.engine import Engine, resolve_concurrency
+from gen_worker.engine import Engine, RequestMeta, resolve_concurrency
 from gen_worker.errors import GenWorkerError
 from gen_worker.files import AssetFetcher, LocalOutputSink
+from gen_worker.files.file_api import FileApi
+from gen_worker.files.hub_sink import UploadingOutputSink
 from gen_worker.logs import log
 from gen_worker.runtime import core_types as ct
 from gen_worker.runtime.models import WorkerModels
@@ -124,17 +133,38 @@ def _core_config(settings: WorkerSettings, address: str) -> ct.CoreConfig:
     )
 
 
-def _engine(settings: WorkerSettings, endpoint: LoadedEndpoint) -> Engine:
-    # Outputs stay on this machine under the cache until the hub's file API sink lands.
-    outputs = Path(settings.tensorhub_cache_dir) / "outputs"
+def _output_sinks(
+    settings: WorkerSettings, hub_files_url: str | None, hub_token: str
+) -> Callable[[RequestMeta], OutputSink]:
+    """Each request's outputs: uploaded through the job's file API (or the hub's, when
+    TENSORHUB_URL is set), staged and hashed under the cache first; kept on this machine
+    under the cache only when neither is known."""
+    staging = Path(settings.tensorhub_cache_dir) / "outputs"
     limit = settings.engine.max_upload_bytes
+    loop = asyncio.get_running_loop()  # sinks are built lazily, possibly in a worker thread
+
+    def make(meta: RequestMeta) -> OutputSink:
+        local = LocalOutputSink(staging, meta.request_id, max_upload_bytes=limit)
+        if meta.file_base_url:
+            api = FileApi(meta.file_base_url, meta.file_token or "")
+        elif hub_files_url:
+            api = FileApi(hub_files_url, hub_token)
+        else:
+            return local
+        return UploadingOutputSink(local, api, loop)
+
+    return make
+
+
+def _engine(settings: WorkerSettings, endpoint: LoadedEndpoint, models: ModelSettings) -> Engine:
+    hub_files = f"{models.tensorhub_url}/api/v1/files" if models.tensorhub_url else None
     return Engine(
         endpoint.functions,
         settings=settings.engine,
         concurrency=resolve_concurrency(
             settings.engine, endpoint.lock.resources.get("max_inflight_requests")
         ),
-        outputs=lambda rid: LocalOutputSink(outputs, rid, max_upload_bytes=limit),
+        outputs=_output_sinks(settings, hub_files, models.tensorhub_token or ""),
         # Input files by URL, public hosts only (the dev runner allows local ones).
         assets=AssetFetcher(
             Path(settings.tensorhub_cache_dir) / "inputs",
@@ -157,17 +187,17 @@ async def run_inference(settings: WorkerSettings) -> int:
         endpoint = load_from_lock(settings.manifest_path, settings.endpoint_root)
         identity = await _identity(settings, address)
         # One cache folder for the whole worker: the one the settings checked at preflight.
-        model_settings = load_model_settings()
-        models = WorkerModels(
-            msgspec.structs.replace(model_settings, cache_dir=settings.tensorhub_cache_dir)
+        model_settings = msgspec.structs.replace(
+            load_model_settings(), cache_dir=settings.tensorhub_cache_dir
         )
+        models = WorkerModels(model_settings)
     except GenWorkerError as exc:
         return _fatal("boot", exc)
     worker = Worker(
         _core_config(settings, address),
         identity,
         endpoint,
-        _engine(settings, endpoint),
+        _engine(settings, endpoint, model_settings),
         verify_token=_token_verifier(settings),
         heartbeat_interval_s=settings.heartbeat_interval_s,
         models=models,

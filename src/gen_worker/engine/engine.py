@@ -45,7 +45,7 @@ class Engine:
         concurrency: int = 1,
         max_waiting: int | None = None,
         models: ModelProvider | None = None,
-        outputs: Callable[[str], OutputSink] | None = None,
+        outputs: Callable[[RequestMeta], OutputSink] | None = None,
         assets: AssetFetcher | None = None,
         cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
         device: str = "cpu",

@@ -33,3 +33,6 @@ class RequestMeta(msgspec.Struct, kw_only=True, frozen=True):
     resolved_models: dict[str, Any] = {}
     codec: Codec = Codec.JSON
     device: str = "cpu"
+    #: The job's file API (outputs are uploaded there) and its bearer token; None: local.
+    file_base_url: str | None = None
+    file_token: str | None = None

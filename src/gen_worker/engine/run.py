@@ -58,7 +58,7 @@ class RunDeps:
     slots: FifoSlots
     call_threads: Callable[[], CallThreads]
     models: ModelProvider | None
-    outputs: Callable[[str], OutputSink] | None
+    outputs: Callable[[RequestMeta], OutputSink] | None
     assets: AssetFetcher | None
     cancel_grace_s: float
     device: str
@@ -241,6 +241,11 @@ class RequestRun:
             data = await self._encode(output)
         else:
             data = self._encode_output(output)
+        # Saved outputs may still be uploading (the worker's file API sink): the result goes
+        # out only once they have landed, and a failed upload fails the request.
+        finish = getattr(self._sink_cache, "finish", None)
+        if finish is not None:
+            await finish()
         self._succeed(data)
 
     def _decode(self) -> msgspec.Struct:
@@ -383,7 +388,7 @@ class RequestRun:
 
     def _sink(self) -> OutputSink | None:
         if self._sink_cache is None and self._deps.outputs is not None:
-            self._sink_cache = self._deps.outputs(self.request_id)
+            self._sink_cache = self._deps.outputs(self.meta)
         return self._sink_cache
 
     def _phase(self, name: str, warn_s: float, detail: dict[str, Any] | None = None) -> _Phase:

@@ -89,9 +89,12 @@ class UploadingOutputSink:
     async def finish(self) -> list[UploadedFile]:
         """Wait for every upload started so far; the first failure is raised."""
         done: list[UploadedFile] = []
-        while self._uploads:  # an upload may be added while others are awaited
-            pending, self._uploads = self._uploads, []
-            done.extend(await asyncio.gather(*(asyncio.wrap_future(f) for f in pending)))
+        try:
+            while self._uploads:  # an upload may be added while others are awaited
+                pending, self._uploads = self._uploads, []
+                done.extend(await asyncio.gather(*(asyncio.wrap_future(f) for f in pending)))
+        finally:
+            await self._api.aclose()
         return done
 
     def cancel(self) -> None:

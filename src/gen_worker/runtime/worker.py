@@ -424,7 +424,8 @@ class Worker:
             child_request_id=job.child_request_id or None, item_id=job.item_id or None,
             item_index=job.item_index if job.item_id else None,
             timeout_ms=job.timeout_ms or None, required_models=tuple(job.required_models),
-            codec=Codec.MSGPACK,
+            codec=Codec.MSGPACK, file_base_url=job.file_base_url or None,
+            file_token=job.file_token or None,
         )  # fmt: skip
         inline = self._inline_ok and self._inline is None
         try:

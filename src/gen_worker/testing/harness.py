@@ -144,7 +144,7 @@ async def arun_function(
     engine = Engine(
         [spec],
         models=_ModelsByParameter(models or {}),
-        outputs=lambda rid: LocalOutputSink(root, rid),
+        outputs=lambda meta: LocalOutputSink(root, meta.request_id),
         assets=AssetFetcher(root / ".inputs", allow_private_hosts=True, local_refs_root=root),
     )
     meta = RequestMeta(

@@ -160,7 +160,9 @@ def build_runner(
         max_waiting=max_queue,
         cancel_grace_s=cancel_grace_s,
         models=models,
-        outputs=lambda rid: LocalOutputSink(outputs, rid, max_upload_bytes=upload_limit),
+        outputs=lambda meta: LocalOutputSink(
+            outputs, meta.request_id, max_upload_bytes=upload_limit
+        ),
         # Local development: inputs may come from this machine, and refs name earlier outputs.
         assets=AssetFetcher(outputs / ".inputs", max_bytes=settings.max_input_file_bytes,
                             allow_private_hosts=True, local_refs_root=outputs),
