@@ -170,3 +170,36 @@ def test_a_failed_upload_fails_finish(tmp_path: Path) -> None:
         await api.aclose()
 
     asyncio.run(go())
+
+
+def test_input_refs_are_read_from_the_file_api(hub: HubServer, tmp_path: Path) -> None:
+    from gen_worker.authoring import Asset
+    from gen_worker.files import AssetFetcher
+
+    source = tmp_path / "photo.png"
+    source.write_bytes(b"\x89PNG fake")
+
+    async def go() -> None:
+        api = _api(hub)
+        await api.upload("inputs/photo.png", source)
+        await api.aclose()
+        files = (f"{hub.url}/api/v1/files", TOKEN)
+        # The hub's file API as the fetcher's default (TENSORHUB_URL in a worker) ...
+        fetcher = AssetFetcher(tmp_path / "inputs", files_url=files[0], files_token=TOKEN)
+        asset = Asset(ref="inputs/photo.png")
+        await fetcher.fetch_all([asset], "req-9")
+        assert asset.local_path is not None
+        assert Path(asset.local_path).read_bytes() == b"\x89PNG fake"
+        assert asset.blake3 == blake3.blake3(b"\x89PNG fake").hexdigest()
+        missing = Asset(ref="inputs/none.png")
+        with pytest.raises(ValidationError, match=r"input file not found: inputs/none\.png"):
+            await fetcher.fetch_all([missing], "req-9")
+        await fetcher.aclose()
+        # ... or the job's own file API, given per request.
+        plain = AssetFetcher(tmp_path / "inputs2")
+        again = Asset(ref="inputs/photo.png")
+        await plain.fetch_all([again], "req-10", files)
+        assert again.size_bytes == len(b"\x89PNG fake")
+        await plain.aclose()
+
+    asyncio.run(go())

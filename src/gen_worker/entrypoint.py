@@ -169,6 +169,8 @@ def _engine(settings: WorkerSettings, endpoint: LoadedEndpoint, models: ModelSet
         assets=AssetFetcher(
             Path(settings.tensorhub_cache_dir) / "inputs",
             max_bytes=settings.engine.max_input_file_bytes,
+            files_url=hub_files,
+            files_token=models.tensorhub_token or "",
         ),
     )
 

@@ -270,7 +270,9 @@ class RequestRun:
             raise ValidationError("this worker cannot fetch input files (no asset fetcher)")
         start = time.monotonic()
         self._fetched_inputs = True
-        await self._deps.assets.fetch_all(assets, self.request_id)
+        meta = self.meta
+        files = (meta.file_base_url, meta.file_token or "") if meta.file_base_url else None
+        await self._deps.assets.fetch_all(assets, self.request_id, files)
         self._metric("metrics.fetch", "fetch_ms", start)
 
     async def _load_models(self, payload: msgspec.Struct) -> dict[str, Any]:

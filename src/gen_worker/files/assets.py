@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gen_worker.authoring import Asset
-from gen_worker.errors import GenWorkerError, RetryableError, ValidationError
+from gen_worker.errors import GenWorkerError, HubNotFoundError, RetryableError, ValidationError
 from gen_worker.files.hashing import Digest, HashingWriter, hash_file
 from gen_worker.files.refs import check_relative_ref, check_request_id
 from gen_worker.files.urls import check_public_host, display_url, parse_input_url, safe_name
@@ -96,6 +96,8 @@ class AssetFetcher:
         local_refs_root: Path | None = None,
         client: httpx.AsyncClient | None = None,
         timeout_s: float = 60.0,
+        files_url: str | None = None,
+        files_token: str = "",
     ) -> None:
         self._inputs_root = Path(inputs_root)
         self._max_bytes = max_bytes
@@ -103,6 +105,8 @@ class AssetFetcher:
         self._local_root = Path(local_refs_root).resolve() if local_refs_root else None
         self._owns_client = client is None
         self._timeout_s = timeout_s
+        #: The file API that input refs are read from when a request names none (the hub's).
+        self._files = (files_url, files_token) if files_url else None
         # Redirects are followed by hand (see _download) so each hop is checked.
         self._client_given = client
 
@@ -114,24 +118,39 @@ class AssetFetcher:
             self._client_given = httpx.AsyncClient(timeout=self._timeout_s)
         return self._client_given
 
-    async def fetch(self, asset: Asset, request_id: str, index: int) -> None:
-        """Make ``asset`` available on this machine and fill in its local path and digests."""
+    async def fetch(
+        self,
+        asset: Asset,
+        request_id: str,
+        index: int,
+        files: tuple[str, str] | None = None,
+    ) -> None:
+        """Make ``asset`` available on this machine and fill in its local path and digests.
+
+        ``files`` is the request's file API (base URL, token): refs are read from it, else
+        from the fetcher's own file API, else from the local file store.
+        """
         asset.local_path = None  # caller-supplied: never trusted as a path to read
         check_request_id(request_id)
+        files = files or self._files
         if asset.url is not None:
             await self._fetch_url(asset, request_id, index)
+        elif asset.ref is not None and files is not None:
+            await self._fetch_ref(asset, request_id, index, files)
         elif asset.ref is not None:
             await self._use_local_ref(asset, asset.ref)
         else:
             raise ValidationError("an input Asset needs a url or a ref")
 
-    async def fetch_all(self, assets: Sequence[Asset], request_id: str) -> None:
+    async def fetch_all(
+        self, assets: Sequence[Asset], request_id: str, files: tuple[str, str] | None = None
+    ) -> None:
         """Fetch every asset (index = position), a few at a time; the first failure wins."""
         limit = asyncio.Semaphore(_CONCURRENCY)
 
         async def one(index: int, asset: Asset) -> None:
             async with limit:
-                await self.fetch(asset, request_id, index)
+                await self.fetch(asset, request_id, index, files)
 
         tasks = [asyncio.create_task(one(i, a)) for i, a in enumerate(assets)]
         try:
@@ -204,6 +223,21 @@ class AssetFetcher:
             return writer.commit(), response.headers.get("content-type")
         finally:
             writer.discard()  # a no-op after a commit; removes the .partial otherwise
+
+    async def _fetch_ref(
+        self, asset: Asset, request_id: str, index: int, files: tuple[str, str]
+    ) -> None:
+        from gen_worker.files.file_api import FileApi  # noqa: PLC0415  # see the imports
+
+        ref = str(asset.ref)
+        check_relative_ref(ref, "input ref", LOCAL_REF_FORM)
+        final = self._inputs_root / request_id / f"{index}-{ref.rsplit('/', 1)[-1]}"
+        api = FileApi(files[0], files[1], client=self._client)
+        try:
+            digest = await api.download(ref, final, max_bytes=self._max_bytes)
+        except HubNotFoundError as exc:
+            raise ValidationError(f"input file not found: {ref}") from exc
+        _fill(asset, final.resolve(), digest, None)
 
     # -- local refs ---------------------------------------------------------------------
 
