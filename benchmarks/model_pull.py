@@ -12,7 +12,9 @@ served by ``gen-worker hub serve`` in its own process on loopback.
   on disk, then run again; the bytes the second run transfers are reported (target: at most
   55% of the total).
 
-Rounds alternate curl and ours so machine noise hits both alike; medians are reported.
+Rounds alternate curl and ours so machine noise hits both alike; medians are reported, with
+the CPU seconds each side used (curl's process, our process, and the hub's while serving each):
+on a small shared machine the side that needs less CPU is the faster one.
 Run: `uv run python benchmarks/model_pull.py [--rounds 3] [--mib 1024]`.
 """
 
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from gen_worker.hub.publish import publish
 from gen_worker.models.fetch import SnapshotFetcher
@@ -78,19 +82,40 @@ def _start_hub(root: Path, port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("the hub did not start")
 
 
-def _curl(manifest: SnapshotManifest, into: Path) -> float:
+class _Run(NamedTuple):
+    seconds: float
+    cpu_s: float  # the puller's CPU time (curl's process, or ours)
+    hub_cpu_s: float  # the hub's CPU time meanwhile
+
+
+def _cpu_s(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _hub_cpu_s(hub: subprocess.Popen[bytes]) -> float:
+    """The hub process's CPU seconds so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{hub.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _curl(manifest: SnapshotManifest, into: Path, hub: subprocess.Popen[bytes]) -> _Run:
     into.mkdir(parents=True)
     args = ["curl", "-s", "--fail"]
     for index, entry in enumerate(manifest.entries):
         args += ["-o", str(into / str(index)), entry.url]
-    started = time.perf_counter()
+    cpu, hub_cpu, started = _cpu_s(resource.RUSAGE_CHILDREN), _hub_cpu_s(hub), time.perf_counter()
     subprocess.run(args, check=True)
     elapsed = time.perf_counter() - started
+    run = _Run(elapsed, _cpu_s(resource.RUSAGE_CHILDREN) - cpu, _hub_cpu_s(hub) - hub_cpu)
     shutil.rmtree(into)
-    return elapsed
+    return run
 
 
-def _ours(manifest: SnapshotManifest, cache: Path) -> float:
+def _ours(manifest: SnapshotManifest, cache: Path, hub: subprocess.Popen[bytes]) -> _Run:
     async def pull() -> None:
         fetcher = SnapshotFetcher(Store(cache / "cas"))
         try:
@@ -98,11 +123,12 @@ def _ours(manifest: SnapshotManifest, cache: Path) -> float:
         finally:
             await fetcher.aclose()
 
-    started = time.perf_counter()
+    cpu, hub_cpu, started = _cpu_s(resource.RUSAGE_SELF), _hub_cpu_s(hub), time.perf_counter()
     asyncio.run(pull())
     elapsed = time.perf_counter() - started
+    run = _Run(elapsed, _cpu_s(resource.RUSAGE_SELF) - cpu, _hub_cpu_s(hub) - hub_cpu)
     shutil.rmtree(cache)
-    return elapsed
+    return run
 
 
 def _on_disk(root: Path) -> int:
@@ -146,20 +172,26 @@ def main() -> None:
         hub_url = f"http://127.0.0.1:{port}"
         try:
             manifest = asyncio.run(_resolve(hub_url))
-            curl_s, ours_s = [], []
+            curl_runs, ours_runs = [], []
             for round_ in range(args.rounds):
-                curl_s.append(_curl(manifest, work / f"curl-{round_}"))
-                ours_s.append(_ours(manifest, work / f"ours-{round_}"))
+                curl_runs.append(_curl(manifest, work / f"curl-{round_}", hub_proc))
+                ours_runs.append(_ours(manifest, work / f"ours-{round_}", hub_proc))
             killed_at, resent = _killed_and_resumed(hub_url, work / "killed", total)
         finally:
             hub_proc.send_signal(signal.SIGTERM)
             hub_proc.wait(timeout=15)
-    curl_rate = total / statistics.median(curl_s) / 1e6
-    ours_rate = total / statistics.median(ours_s) / 1e6
-    ratio = ours_rate / curl_rate
     print(f"snapshot: {total} bytes in {len(manifest.entries)} blobs; {args.rounds} rounds")
-    print(f"curl -o : median {statistics.median(curl_s):.2f} s  {curl_rate:8.1f} MB/s")
-    print(f"ours    : median {statistics.median(ours_s):.2f} s  {ours_rate:8.1f} MB/s")
+    rates = []
+    for name, runs in (("curl -o", curl_runs), ("ours   ", ours_runs)):
+        seconds = statistics.median(r.seconds for r in runs)
+        rates.append(total / seconds / 1e6)
+        cpu = statistics.median(r.cpu_s for r in runs)
+        hub_cpu = statistics.median(r.hub_cpu_s for r in runs)
+        print(
+            f"{name} : median {seconds:.2f} s  {rates[-1]:8.1f} MB/s"
+            f"  (CPU: {cpu:.2f} s puller, {hub_cpu:.2f} s hub)"
+        )
+    ratio = rates[1] / rates[0]
     verdict = "met" if ratio >= TARGET_RATIO else "MISSED"
     print(f"ratio ours/curl: {ratio:.2f}x (target >= {TARGET_RATIO}x: {verdict})")
     share = resent / total

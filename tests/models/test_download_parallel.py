@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -226,3 +227,40 @@ def test_a_404_mid_way_stops_every_range(server: FlakyServer, data: bytes, tmp_p
     with pytest.raises(HubNotFoundError, match=rf"^{NAME}: not found \(HTTP 404\)"):
         fetch(source(url, data), tmp_path / "blob")
     assert [r.status for r in server.requests].count(404) == 1
+
+
+def test_a_resume_fetches_only_the_gaps_between_written_intervals(
+    server: FlakyServer, data: bytes, tmp_path: Path
+) -> None:
+    url = server.add("/blob", data)
+    src = source(url, data)
+    written = [(0, 100_000), (150_000, 200_000), (5 * STEP, 5 * STEP + 10)]
+    part = bytearray(SIZE)  # a killed download's partial file: its gaps hold zeros
+    for start, end in written:
+        part[start:end] = data[start:end]
+    (tmp_path / "blob.part").write_bytes(part)
+    state = {
+        "version": 1,
+        "size_bytes": SIZE,
+        "blake3": src.blake3,
+        "sha256": src.sha256,
+        "done": [list(interval) for interval in written],
+    }
+    (tmp_path / "blob.part.state").write_bytes(json.dumps(state).encode().ljust(4096))
+    dest = tmp_path / "blob"
+    result = fetch(src, dest)
+    assert_done(result, dest, data)
+    kept = sum(end - start for start, end in written)
+    gaps = {
+        f"bytes=100000-{STEP - 1}",
+        f"bytes={STEP}-149999",
+        f"bytes=200000-{2 * STEP - 1}",
+        f"bytes={5 * STEP + 10}-{6 * STEP - 1}",
+    }
+    # Ranges 0, 1 and 5 held written bytes: only their gaps travel; the others whole.
+    untouched = {
+        f"bytes={s}-{min(s + STEP, SIZE) - 1}" for s in range(0, SIZE, STEP) if s // STEP > 1
+    } - {f"bytes={5 * STEP}-{6 * STEP - 1}"}
+    requests = [r.range for r in server.requests]
+    assert set(requests) == gaps | untouched and len(requests) == len(gaps | untouched)
+    assert (result.resumed_from, server.bytes_served()) == (kept, SIZE - kept)

@@ -3,6 +3,7 @@ when anything does not match."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gen_worker.errors import DigestMismatchError, FatalError
+from gen_worker.models import parts as parts_module
 from gen_worker.models.manifest import ManifestEntry, PartEntry, PartsFile
 from gen_worker.models.store import BlobMissingError, Store
 
@@ -254,3 +256,33 @@ def test_any_split_reassembles_and_any_corrupt_part_is_named(
         assert transient_leftovers(other) == []
     finally:
         shutil.rmtree(root)
+
+
+def test_parts_are_joined_by_a_plain_copy_where_the_kernel_refuses_to(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(*_: object) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    entries, _ = split_snapshot(store, [4000, 5000, 1000])
+    path = store.materialize(manifest_of(entries))
+    assert files_under(path) == {"config.json": CONFIG, "unet/w.bin": WHOLE}
+
+
+def test_a_right_whole_is_hashed_once_and_its_parts_not_again(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The parts are blobs named by digests checked when they were stored: the whole's digest
+    # covers them, and only a wrong whole would send the check back to each part.
+    hashed: list[str] = []
+    real = parts_module.hash_file
+
+    def counting(path: Path) -> str:
+        hashed.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(parts_module, "hash_file", counting)
+    entries, _ = split_snapshot(store, [4000, 5000, 1000])
+    store.materialize(manifest_of(entries))
+    assert len(hashed) == 1 and hashed[0].startswith("join")

@@ -1,17 +1,20 @@
 """Blob downloads: verified, resumable, parallel, single-flight (SPEC 13.3).
 
-:func:`download_blob` puts one blob at ``dest``:
+:func:`download_blob` puts one blob at ``dest``; :func:`download_parts` puts there a file
+published as parts (the concatenation of several blobs, each with its own URL), writing each
+part straight at its offset so that nothing is written twice:
 
 * bytes go to ``<dest>.part``; the whole file's size and blake3 (and sha256 when given) are
   checked before ``os.replace`` moves it to ``dest``. On success only ``dest`` remains.
 * A ``.part`` left by anything that stopped early (a dropped connection, a server that closed
   cleanly after a short body, a killed process) is resumed with ``Range: bytes=<n>-``. A
   server that ignores ``Range`` (200) or answers another range restarts the file from zero.
-* Blobs of ``parallel_min_bytes`` or more download as parallel ranges (:mod:`.ranges`), with a
+* Files of ``parallel_min_bytes`` or more download as parallel ranges (:mod:`.ranges`), with a
   ``<dest>.part.state`` sidecar so a killed download fetches only the missing ranges.
 * 401/403 refreshes the URL once; 404 fails at once; 5xx, 408/429, connection errors and read
   timeouts are retried with backoff, then :class:`DownloadError` keeps the ``.part``; a digest
-  mismatch discards the file and retries once from zero, then :class:`DigestMismatchError`.
+  mismatch discards the file and retries once from zero, then :class:`DigestMismatchError`
+  (naming the part whose bytes are wrong, for a file made of parts).
 * The same ``dest`` asked for at once by several coroutines of one event loop shares one
   transfer; threads and processes serialise on a file lock and the later ones find ``dest``
   complete.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +35,14 @@ import filelock
 
 from gen_worker.errors import DigestMismatchError
 from gen_worker.logs import log
-from gen_worker.models.blob_io import Cursor, Digests, InlineHash, Progress, hash_file
+from gen_worker.models.blob_io import (
+    Cursor,
+    Digests,
+    InlineHash,
+    Progress,
+    blake3_of_range,
+    hash_file,
+)
 from gen_worker.models.ranges import fill_parallel, state_path_of
 from gen_worker.models.single_flight import SingleFlight, report_progress
 from gen_worker.models.transfer import (
@@ -43,10 +53,14 @@ from gen_worker.models.transfer import (
     Forbidden,
     Mismatch,
     RangeRejected,
+    Segment,
+    Target,
     Transient,
     UrlHolder,
     describe,
+    make_client,
     retry_after_s,
+    segment_at,
     transport_errors,
 )
 
@@ -58,7 +72,9 @@ __all__ = [
     "BlobSource",
     "DownloadPolicy",
     "DownloadResult",
+    "Target",
     "download_blob",
+    "download_parts",
     "make_client",
 ]
 
@@ -66,6 +82,9 @@ DEFAULT_POLICY = DownloadPolicy()
 _PART_MODE = 0o644
 # Waiting for another thread's or process's download: poll the lock, backing off to this.
 _LOCK_POLL_MAX_S = 0.25
+
+#: Awaited for a fresh URL of one part (named by its ``BlobSource``) after a 401/403.
+RefreshPart = Callable[[BlobSource], Awaitable[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,41 +102,6 @@ class DownloadResult:
     sha256: str
     bytes_transferred: int
     resumed_from: int
-
-
-def make_client(
-    policy: DownloadPolicy = DEFAULT_POLICY,
-    *,
-    headers: Mapping[str, str] | None = None,
-    max_connections: int = 64,
-) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` suited to blob downloads.
-
-    The policy's timeouts; HTTP/1.1 (one TCP connection per range is what makes ranges
-    parallel); up to ``max_connections`` pooled connections; redirects followed (presigned
-    storage URLs redirect; httpx drops ``Authorization`` when a redirect changes origin); no
-    content encoding asked for (bytes on disk must be the bytes hashed). ``headers`` are sent
-    with every request (a hub token, for example).
-    """
-    import httpx  # noqa: PLC0415  # deferred: see the module's imports
-
-    return httpx.AsyncClient(
-        http1=True,
-        http2=False,
-        follow_redirects=True,
-        timeout=httpx.Timeout(
-            connect=policy.connect_timeout_s,
-            read=policy.read_timeout_s,
-            write=policy.read_timeout_s,
-            pool=None,
-        ),
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
-        ),
-        headers={**(headers or {}), "Accept-Encoding": "identity"},
-    )
 
 
 async def download_blob(
@@ -147,13 +131,91 @@ async def download_blob(
     ``DownloadError`` (retries exhausted; the partial file is kept), ``DigestMismatchError``
     (wrong bytes twice; nothing is kept), ``HubError`` (another unexpected status).
     """
-    dest = Path(dest)
-    if source.blake3 and _size_if_file(dest) == source.size_bytes:
-        report_progress(on_progress, source.size_bytes)
-        return _existing(source, dest)
+    return await _download(
+        client,
+        source.target,
+        [(source, refresh_url)],
+        Path(dest),
+        policy=policy,
+        on_progress=on_progress,
+        lock_path=lock_path,
+    )
+
+
+async def download_parts(
+    client: httpx.AsyncClient,
+    target: Target,
+    parts: Sequence[BlobSource],
+    dest: Path,
+    *,
+    policy: DownloadPolicy = DEFAULT_POLICY,
+    refresh_url: RefreshPart | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    lock_path: Path | None = None,
+) -> DownloadResult:
+    """Make ``dest`` hold ``target``, the concatenation of ``parts`` (each from its own URL).
+
+    Each part's bytes are written at its offset in ``<dest>.part`` (in parallel ranges for a
+    large file), so the file is written once and no part is kept on its own. The whole file is
+    checked against ``target`` as for :func:`download_blob`; when it does not match, each
+    part's region is checked against the part's blake3 so the error names the part that is
+    wrong (and the file is downloaded again once); when every part matches, the parts are
+    simply not ``target`` and the ``DigestMismatchError`` names ``target`` at once.
+
+    ``refresh_url(part)`` is awaited for a part's new URL after a 401/403 (once per part).
+    Progress, locking, sharing and errors are :func:`download_blob`'s.
+    """
+    if not parts:
+        raise ValueError(f"{target.name}: a file made of parts needs at least one part")
+    total = sum(p.size_bytes for p in parts)
+    if total != target.size_bytes:
+        raise ValueError(
+            f"{target.name}: its parts add up to {total} bytes, but the file has "
+            f"{target.size_bytes}; the parts must be the file's bytes in order"
+        )
+    return await _download(
+        client,
+        target,
+        [(part, _refresh_of(refresh_url, part)) for part in parts],
+        Path(dest),
+        policy=policy,
+        on_progress=on_progress,
+        lock_path=lock_path,
+    )
+
+
+#: A blob to download into a file (from its offset on), and how to get it a fresh URL.
+_Source = tuple[BlobSource, Callable[[], Awaitable[str]] | None]
+
+
+def _refresh_of(
+    refresh: RefreshPart | None, part: BlobSource
+) -> Callable[[], Awaitable[str]] | None:
+    if refresh is None:
+        return None
+
+    async def fresh_url() -> str:
+        return await refresh(part)
+
+    return fresh_url
+
+
+async def _download(
+    client: httpx.AsyncClient,
+    target: Target,
+    sources: Sequence[_Source],
+    dest: Path,
+    *,
+    policy: DownloadPolicy,
+    on_progress: Callable[[int], None] | None,
+    lock_path: Path | None,
+) -> DownloadResult:
+    if target.blake3 and _size_if_file(dest) == target.size_bytes:
+        report_progress(on_progress, target.size_bytes)
+        return _existing(target, dest)
 
     def start(emit: Callable[[int], None]) -> Awaitable[DownloadResult]:
-        job = _Job(client, source, dest, policy=policy, refresh_url=refresh_url, emit=emit)
+        job = _Job(client, target, sources, dest, policy=policy, emit=emit)
         return _download_locked(job, lock_path)
 
     return await _FLIGHTS.run(str(dest.absolute()), start, on_progress)
@@ -166,7 +228,7 @@ _FLIGHTS: SingleFlight[DownloadResult] = SingleFlight()
 
 
 async def _download_locked(job: _Job, lock_path: Path | None) -> DownloadResult:
-    source, dest = job.source, job.dest
+    target, dest = job.target, job.dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     path = Path(lock_path) if lock_path is not None else dest.with_name(dest.name + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,9 +242,9 @@ async def _download_locked(job: _Job, lock_path: Path | None) -> DownloadResult:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _LOCK_POLL_MAX_S)
     try:
-        found = await _complete_dest(source, dest)
+        found = await _complete_dest(target, dest)
         if found is not None:
-            job.progress.set(source.size_bytes)
+            job.progress.set(target.size_bytes)
             return found
         return await job.run()
     finally:
@@ -199,11 +261,11 @@ def _size_if_file(path: Path) -> int | None:
         return None
 
 
-def _existing(source: BlobSource, dest: Path) -> DownloadResult:
-    return DownloadResult(dest, source.size_bytes, source.blake3, source.sha256, 0, 0)
+def _existing(target: Target, dest: Path) -> DownloadResult:
+    return DownloadResult(dest, target.size_bytes, target.blake3, target.sha256, 0, 0)
 
 
-async def _complete_dest(source: BlobSource, dest: Path) -> DownloadResult | None:
+async def _complete_dest(target: Target, dest: Path) -> DownloadResult | None:
     """``dest`` when it is complete, else None (and a wrong-sized or wrong ``dest`` removed).
 
     A ``dest`` of the right size is trusted when its name is its blake3 (the caller's store
@@ -212,13 +274,13 @@ async def _complete_dest(source: BlobSource, dest: Path) -> DownloadResult | Non
     size = _size_if_file(dest)
     if size is None:
         return None
-    if size == source.size_bytes:
-        if source.blake3:
-            return _existing(source, dest)
-        digests = await hash_file(dest, with_sha256=bool(source.sha256))
-        if digests.sha256 == source.sha256:
+    if size == target.size_bytes:
+        if target.blake3:
+            return _existing(target, dest)
+        digests = await hash_file(dest, with_sha256=bool(target.sha256))
+        if digests.sha256 == target.sha256:
             return DownloadResult(dest, size, digests.blake3, digests.sha256, 0, 0)
-    log("warning", "replacing a blob that is not what its manifest says", file=source.name)
+    log("warning", "replacing a blob that is not what its manifest says", file=target.name)
     dest.unlink()
     return None
 
@@ -230,21 +292,26 @@ class _Job:
     def __init__(
         self,
         client: httpx.AsyncClient,
-        source: BlobSource,
+        target: Target,
+        sources: Sequence[_Source],
         dest: Path,
         *,
         policy: DownloadPolicy,
-        refresh_url: Callable[[], Awaitable[str]] | None,
         emit: Callable[[int], None],
     ) -> None:
-        self.source = source
+        self.target = target
         self.dest = dest
         self.policy = policy
         self.part = dest.with_name(dest.name + ".part")
         self.state = state_path_of(self.part)
         self.progress = Progress(emit)
-        url = UrlHolder(source.name, source.url, refresh_url)
-        self.fetcher = Fetcher(client, source, policy, url, self.progress)
+        self.segments: list[Segment] = []
+        offset = 0
+        for source, refresh in sources:
+            url = UrlHolder(source.name, source.url, refresh)
+            fetcher = Fetcher(client, source, policy, url, self.progress)
+            self.segments.append(Segment(offset, fetcher))
+            offset += source.size_bytes
         self.resumed_from = 0
 
     async def run(self) -> DownloadResult:
@@ -252,18 +319,18 @@ class _Job:
             try:
                 digests = await self._fill()
                 if digests is None:  # not hashed on the way in (resumed or parallel)
-                    digests = await hash_file(self.part, with_sha256=bool(self.source.sha256))
-                self._check(digests)
+                    digests = await hash_file(self.part, with_sha256=bool(self.target.sha256))
+                await self._check(digests)
             except Mismatch as exc:
                 self._discard()
-                if last_try:
+                if last_try or isinstance(exc, _NotTheWhole):
                     raise DigestMismatchError(
-                        self.source.name, exc.expected, exc.actual, what=exc.what
+                        exc.name or self.target.name, exc.expected, exc.actual, what=exc.what
                     ) from None
                 log(
                     "warning",
                     "downloaded bytes are wrong; downloading again from zero",
-                    file=self.source.name,
+                    file=exc.name or self.target.name,
                     problem=str(exc),
                 )
                 continue
@@ -271,44 +338,67 @@ class _Job:
         raise AssertionError("unreachable: the last try returns or raises")
 
     async def _fill(self) -> Digests | None:
-        size = self.source.size_bytes
+        size = self.target.size_bytes
         if size == 0:
             self.part.write_bytes(b"")
             return Digests(blake3.blake3().hexdigest(), "")
         parallel = self.policy.range_workers > 1 and size >= self.policy.parallel_min_bytes
         if parallel or self.state.exists():
-            filled = await fill_parallel(self.fetcher, self.part, self.state)
+            filled = await fill_parallel(
+                self.target,
+                self.segments,
+                policy=self.policy,
+                progress=self.progress,
+                part=self.part,
+                state=self.state,
+            )
             if filled is not None:
                 self.resumed_from, digests = filled
                 return digests
             log(
                 "info",
                 "the server ignores Range; downloading in one stream from zero",
-                file=self.source.name,
+                file=self.target.name,
             )
             self._discard()
         return await self._fill_sequential()
 
-    def _check(self, digests: Digests) -> None:
-        source = self.source
+    async def _check(self, digests: Digests) -> None:
+        target = self.target
         size = self.part.stat().st_size
-        if size != source.size_bytes:
-            raise Mismatch("size", str(source.size_bytes), str(size))
-        if source.blake3 and digests.blake3 != source.blake3:
-            raise Mismatch("blake3", source.blake3, digests.blake3)
-        if source.sha256 and digests.sha256 != source.sha256:
-            raise Mismatch("sha256", source.sha256, digests.sha256)
+        if size != target.size_bytes:
+            raise Mismatch("size", str(target.size_bytes), str(size))
+        if target.blake3 and digests.blake3 != target.blake3:
+            if len(self.segments) > 1:
+                await asyncio.to_thread(self._blame_part, digests.blake3)
+            raise Mismatch("blake3", target.blake3, digests.blake3)
+        if target.sha256 and digests.sha256 != target.sha256:
+            raise Mismatch("sha256", target.sha256, digests.sha256)
+
+    def _blame_part(self, whole: str) -> None:
+        """Raise the mismatch of the first part whose bytes are not its blake3; every part being
+        right, the whole's as :class:`_NotTheWhole` (``whole`` is the file's blake3)."""
+        fd = os.open(self.part, os.O_RDONLY)
+        try:
+            for segment in self.segments:
+                expected = segment.fetcher.source.blake3
+                actual = blake3_of_range(fd, segment.offset, segment.end)
+                if expected and actual != expected:
+                    raise Mismatch("blake3", expected, actual, name=segment.name)
+        finally:
+            os.close(fd)
+        raise _NotTheWhole("blake3", self.target.blake3, whole)
 
     def _commit(self, digests: Digests) -> DownloadResult:
         self.part.replace(self.dest)  # readers see no blob or the whole verified blob
         self.state.unlink(missing_ok=True)
-        self.progress.set(self.source.size_bytes)
+        self.progress.set(self.target.size_bytes)
         return DownloadResult(
             self.dest,
-            self.source.size_bytes,
+            self.target.size_bytes,
             digests.blake3,
             digests.sha256,
-            self.fetcher.bytes_transferred,
+            sum(s.fetcher.bytes_transferred for s in self.segments),
             self.resumed_from,
         )
 
@@ -318,10 +408,10 @@ class _Job:
         self.resumed_from = 0
         self.progress.set(0)
 
-    # -- one stream, resumed as often as it breaks ----------------------------------------
+    # -- one stream (per part), resumed as often as it breaks ------------------------------
 
     async def _fill_sequential(self) -> Digests | None:
-        size = self.source.size_bytes
+        size = self.target.size_bytes
         have = _size_if_file(self.part) or 0
         if have > size:
             self._discard()
@@ -329,37 +419,35 @@ class _Job:
         self.resumed_from = have
         cursor = Cursor(have)
         # Hashing while writing saves a pass over the file, but only covers it from byte 0.
-        inline = InlineHash(bool(self.source.sha256)) if have == 0 else None
-        attempts = Attempts(self.policy, self.source.name)
+        inline = InlineHash(bool(self.target.sha256)) if have == 0 else None
+        attempts = Attempts(self.policy, self.target.name)
         with _PartFile(self.part) as part:
             while cursor.pos < size:
                 before = cursor.pos
+                segment = segment_at(self.segments, cursor.pos)
                 try:
-                    inline = await self._stream_once(part, cursor, inline)
+                    inline = await self._stream_once(segment, part, cursor, inline)
                 except Forbidden as denied:
-                    await self.fetcher.url.forbidden(denied)
+                    await segment.fetcher.url.forbidden(denied)
                 except RangeRejected as exc:
                     log(
                         "info",
-                        "the server did not resume; downloading again from zero",
-                        file=self.source.name,
+                        "the server did not resume; downloading the part again from its start",
+                        file=segment.name,
                         reason=str(exc),
                     )
-                    part.truncate()
-                    cursor.pos = self.resumed_from = 0
-                    self.progress.set(0)
-                    inline = InlineHash(bool(self.source.sha256))
+                    inline = self._restart_at(segment.offset, part, cursor, inline)
                     await attempts.failed(
                         "the server answered a different range",
                         progressed=False,
-                        url=self.fetcher.url.value,
-                        kept=0,
+                        url=segment.fetcher.url.value,
+                        kept=cursor.pos,
                     )
                 except (Transient, transport_errors()) as exc:
                     await attempts.failed(
                         describe(exc),
                         progressed=cursor.pos > before,
-                        url=self.fetcher.url.value,
+                        url=segment.fetcher.url.value,
                         kept=cursor.pos,
                         retry_after_s=retry_after_s(exc),
                     )
@@ -367,30 +455,49 @@ class _Job:
             return inline.digests()
         return None
 
-    async def _stream_once(
-        self, part: _PartFile, cursor: Cursor, inline: InlineHash | None
+    def _restart_at(
+        self, offset: int, part: _PartFile, cursor: Cursor, inline: InlineHash | None
     ) -> InlineHash | None:
-        """One GET from ``cursor.pos``; returns the inline hash still valid afterwards."""
-        size = self.source.size_bytes
-        async with self.fetcher.open(cursor.pos) as response:
-            if response.status_code == 200 and cursor.pos > 0:
-                # The server ignored Range: this body is the whole blob, so use it from zero.
+        """Drop every byte from ``offset`` on (a part's start); the hash still valid after."""
+        part.truncate(offset)
+        cursor.pos = offset
+        self.resumed_from = min(self.resumed_from, offset)
+        self.progress.set(offset)
+        if offset == 0:
+            return InlineHash(bool(self.target.sha256))
+        return inline if inline is not None and inline.upto == offset else None
+
+    async def _stream_once(
+        self, segment: Segment, part: _PartFile, cursor: Cursor, inline: InlineHash | None
+    ) -> InlineHash | None:
+        """One GET of ``segment`` from ``cursor.pos``; returns the inline hash still valid."""
+        fetcher = segment.fetcher
+        async with fetcher.open(cursor.pos - segment.offset) as response:
+            if response.status_code == 200 and cursor.pos > segment.offset:
+                # The server ignored Range: this body is the whole part, so use it from there.
                 log(
                     "info",
-                    "the server ignored Range; downloading again from zero",
-                    file=self.source.name,
+                    "the server ignored Range; downloading the part again from its start",
+                    file=segment.name,
                 )
-                part.truncate()
-                cursor.pos = self.resumed_from = 0
-                inline = InlineHash(bool(self.source.sha256))
+                inline = self._restart_at(segment.offset, part, cursor, inline)
             self.progress.set(cursor.pos)
             if inline is not None and inline.upto != cursor.pos:
                 inline = None
-            if await self.fetcher.pump(response, part.fd(), cursor, size, inline):
-                raise Mismatch("size", str(size), f"more than {size}")
-        if cursor.pos < size:
-            raise Transient(f"the body ended early, at byte {cursor.pos} of {size}")
+            if await fetcher.pump(response, part.fd(), cursor, segment.end, inline):
+                size = fetcher.source.size_bytes
+                raise Mismatch("size", str(size), f"more than {size}", name=segment.name)
+        if cursor.pos < segment.end:
+            raise Transient(
+                f"the body ended early, at byte {cursor.pos - segment.offset} "
+                f"of {fetcher.source.size_bytes}"
+            )
         return inline
+
+
+class _NotTheWhole(Mismatch):
+    """Every part has its own digest, yet together they are not the file: the parts file that
+    lists them is wrong, and downloading them again cannot help."""
 
 
 class _PartFile:
@@ -405,12 +512,12 @@ class _PartFile:
             self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, _PART_MODE)
         return self._fd
 
-    def truncate(self) -> None:
+    def truncate(self, size: int = 0) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            os.ftruncate(self._fd, size)
         else:
             with contextlib.suppress(FileNotFoundError):
-                os.truncate(self._path, 0)
+                os.truncate(self._path, size)
 
     def __enter__(self) -> _PartFile:
         return self

@@ -28,13 +28,23 @@ import filelock
 import httpx
 
 from gen_worker.errors import GenWorkerError, HubError
-from gen_worker.models.download import BlobSource, DownloadPolicy, download_blob, make_client
+from gen_worker.models.download import (
+    BlobSource,
+    DownloadPolicy,
+    DownloadResult,
+    Target,
+    download_blob,
+    download_parts,
+    make_client,
+)
 from gen_worker.models.manifest import (
     DIGEST_PREFIX,
+    PARTS_SUFFIX,
     ManifestEntry,
     SnapshotManifest,
     snapshot_digest,
 )
+from gen_worker.models.parts import JoinedFile, plan_joined
 from gen_worker.models.store import Store
 
 __all__ = ["EventSink", "ProgressSink", "SnapshotFetcher"]
@@ -291,30 +301,60 @@ class SnapshotFetcher:
         limit = asyncio.Semaphore(self._blob_concurrency)
         transferred = 0
 
-        async def one(entry: ManifestEntry) -> None:
+        async def one(entry: ManifestEntry | JoinedFile) -> None:
             nonlocal transferred
-            if not entry.url:
-                raise HubError(
-                    f"{entry.path} of {manifest.digest} is not in the store and the manifest "
-                    "has no URL for it"
-                )
             async with limit:
-                result = await download_blob(
-                    self._client(),
-                    BlobSource(entry.path, entry.url, entry.size_bytes, entry.blake3),
-                    self.store.blob_path(entry.blake3),
-                    policy=self._policy,
-                    refresh_url=refresher(entry),
-                    on_progress=progress,
-                    lock_path=self.store.blob_lock_path(entry.blake3),
-                )
+                if isinstance(entry, JoinedFile):
+                    parts = [_source(manifest, p) for p in entry.parts]
+                    result = await self._download_joined(entry, parts, refresher, progress)
+                else:
+                    result = await download_blob(
+                        self._client(),
+                        _source(manifest, entry),
+                        self.store.blob_path(entry.blake3),
+                        policy=self._policy,
+                        refresh_url=refresher(entry),
+                        on_progress=progress,
+                        lock_path=self.store.blob_lock_path(entry.blake3),
+                    )
                 transferred += result.bytes_transferred
 
+        # Parts files first (they are small): they say which split files can be downloaded
+        # whole, each part written at its offset, rather than as parts joined afterwards.
+        indexes = [e for e in missing if e.path.endswith(PARTS_SUFFIX)]
+        await _gather_all([one(e) for e in indexes])
+        blobs, joined = plan_joined(manifest, self.store, [e for e in missing if e not in indexes])
         # Largest first: the long transfers start at once and the small ones fill the gaps.
-        await _gather_all(
-            [one(e) for e in sorted(missing, key=lambda e: e.size_bytes, reverse=True)]
-        )
+        todo: list[ManifestEntry | JoinedFile] = [*blobs, *joined]
+        todo.sort(key=lambda e: e.size_bytes, reverse=True)
+        await _gather_all([one(e) for e in todo])
         return transferred
+
+    async def _download_joined(
+        self,
+        joined: JoinedFile,
+        parts: list[BlobSource],
+        refresher: Callable[[ManifestEntry], Callable[[], Awaitable[str]] | None],
+        progress: Callable[[int], None],
+    ) -> DownloadResult:
+        renew = {p.path: refresher(p) for p in joined.parts}
+
+        async def part_url(part: BlobSource) -> str:
+            new_url = renew[part.name]
+            if new_url is None:
+                raise HubError(f"{part.name}: download refused and no way to refresh its URL")
+            return await new_url()
+
+        return await download_parts(
+            self._client(),
+            Target(joined.path, joined.size_bytes, joined.blake3),
+            parts,
+            self.store.blob_path(joined.blake3),
+            policy=self._policy,
+            refresh_url=part_url if any(renew.values()) else None,
+            on_progress=progress,
+            lock_path=self.store.blob_lock_path(joined.blake3),
+        )
 
 
 # Threads of this process building the same snapshot (each with its own event loop) exclude
@@ -361,6 +401,15 @@ async def _gather_all(coros: list[Coroutine[Any, Any, _T]]) -> list[_T]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _source(manifest: SnapshotManifest, entry: ManifestEntry) -> BlobSource:
+    if not entry.url:
+        raise HubError(
+            f"{entry.path} of {manifest.digest} is not in the store and the manifest "
+            "has no URL for it"
+        )
+    return BlobSource(entry.path, entry.url, entry.size_bytes, entry.blake3)
 
 
 def _url_key(entry: ManifestEntry) -> str:

@@ -6,11 +6,13 @@ files the snapshot directory will hold. The snapshot digest covers the entries e
 published (``X.partNNNN`` and ``X.parts.json`` included, ``X`` itself not), which is what the
 hub hashes; the directory then holds ``X`` and neither the parts nor the parts file.
 
-:func:`check_parts_file` reads one ``X.parts.json`` against the manifest, and :func:`reassemble`
-streams the parts into one file, checking each part and the whole as it goes.
-:func:`resolve_files` says which blob each file of the snapshot is (reassembling what has to
-be), and :func:`link_tree` builds the directory with a :class:`Linker` under a temporary name
-and renames it into place.
+:func:`check_parts_file` reads one ``X.parts.json`` against the manifest. A fetch downloads a
+split file whole when it can (:func:`plan_joined`: each part written straight at its offset,
+see ``download.download_parts``); parts already in the store are joined by :func:`reassemble`,
+which copies them into one file and checks the whole (and the parts only when the whole is
+wrong, to name the culprit). :func:`resolve_files` says which blob each file of the snapshot is
+(reassembling what has to be), and :func:`link_tree` builds the directory with a
+:class:`Linker` under a temporary name and renames it into place.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import errno
 import os
 import re
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,7 @@ __all__ = [
     "READ_ONLY",
     "BlobMissingError",
     "BlobStore",
+    "JoinedFile",
     "LinkMode",
     "Linker",
     "SnapshotPlan",
@@ -54,6 +58,7 @@ __all__ = [
     "hash_file",
     "link_tree",
     "move_into_place",
+    "plan_joined",
     "plan_snapshot",
     "read_parts_file",
     "reassemble",
@@ -61,6 +66,11 @@ __all__ = [
 ]
 
 CHUNK_BYTES = 8 << 20
+# copy_file_range refused: another filesystem (EXDEV, before Linux 5.19), not supported by
+# the filesystem or the kernel, or not allowed here (a seccomp filter answers EPERM).
+_NO_COPY_FILE_RANGE = frozenset(
+    {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+)
 #: Blobs and copies are read-only: a snapshot file is a hard link to its blob, so a loader
 #: that opened one for writing would change the blob under every snapshot that shares it.
 READ_ONLY = 0o444
@@ -250,35 +260,64 @@ def check_parts_file(data: bytes, split: SplitFile) -> PartsFile:
 def reassemble(parts_file: PartsFile, blob_of: Callable[[str], Path], out: Path) -> None:
     """Concatenate the parts (``blob_of(hex)`` is where each lies) into the new file ``out``.
 
-    Streams in chunks, hashing each part and the whole on the way. A part whose bytes do not
-    match is a ``DigestMismatchError`` naming the part; a whole that does not match, one
-    naming the file. The caller removes ``out`` on failure.
+    The parts are blobs, named by digests verified when they were stored, so only their sizes
+    are checked before the copy (in the kernel where it can) and the whole afterwards. A whole
+    that does not match has each part's bytes checked: a part that is not its digest is a
+    ``DigestMismatchError`` naming the part (the first such in order); every part matching, one
+    naming the file. A part of the wrong size is named at once. The caller removes ``out`` on
+    failure.
     """
-    whole = blake3.blake3()
     total = 0
-    with out.open("xb") as sink:
-        for part in parts_file.parts:
-            hasher = blake3.blake3()
-            size = 0
-            with blob_of(part.blake3).open("rb") as source:
-                while chunk := source.read(CHUNK_BYTES):
-                    hasher.update(chunk)
-                    whole.update(chunk)
-                    sink.write(chunk)
-                    size += len(chunk)
-            if size != part.size_bytes:
-                raise DigestMismatchError(
-                    part.path, str(part.size_bytes), str(size), what="size (bytes)"
-                )
-            if hasher.hexdigest() != part.blake3:
-                raise DigestMismatchError(part.path, part.blake3, hasher.hexdigest())
-            total += size
+    for part in parts_file.parts:
+        size = blob_of(part.blake3).stat().st_size
+        if size != part.size_bytes:
+            raise DigestMismatchError(
+                part.path, str(part.size_bytes), str(size), what="size (bytes)"
+            )
+        total += size
     if total != parts_file.size_bytes:
         raise DigestMismatchError(
             parts_file.path, str(parts_file.size_bytes), str(total), what="size (bytes)"
         )
-    if whole.hexdigest() != parts_file.blake3:
-        raise DigestMismatchError(parts_file.path, parts_file.blake3, whole.hexdigest())
+    with out.open("xb") as sink:
+        for part in parts_file.parts:
+            with blob_of(part.blake3).open("rb") as source:
+                _copy(source.fileno(), sink.fileno(), part.size_bytes)
+    whole = hash_file(out)
+    if whole == parts_file.blake3:
+        return
+    for part in parts_file.parts:
+        actual = hash_file(blob_of(part.blake3))
+        if actual != part.blake3:
+            raise DigestMismatchError(part.path, part.blake3, actual)
+    raise DigestMismatchError(parts_file.path, parts_file.blake3, whole)
+
+
+def _copy(source: int, sink: int, size: int) -> None:
+    """Append ``size`` bytes of ``source`` (from its position) to ``sink``.
+
+    ``copy_file_range`` keeps the bytes in the kernel (or shares the blocks, on filesystems
+    that can); where it is refused (another filesystem, no support), a plain copy.
+    """
+    left = size
+    if hasattr(os, "copy_file_range"):
+        try:
+            while left > 0:
+                copied = os.copy_file_range(source, sink, min(left, CHUNK_BYTES << 4))
+                if copied == 0:
+                    break  # the source ended early: the sizes were checked, so it shrank
+                left -= copied
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_FILE_RANGE or left != size:
+                raise
+    while left > 0:
+        chunk = os.read(source, min(left, CHUNK_BYTES))
+        if not chunk:
+            raise OSError(errno.EIO, f"a part ended {left} bytes early while being joined")
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(sink, view) :]
+        left -= len(chunk)
 
 
 class Linker:
@@ -382,6 +421,43 @@ def resolve_files(plan: SnapshotPlan, blobs: BlobStore, tmp_dir: Path) -> list[t
         _join_parts(parts_file, blobs, tmp_dir)
         files.append((split.path, parts_file.blake3, parts_file.size_bytes))
     return [(path, blob_hex) for path, blob_hex, _ in files]
+
+
+@dataclass(frozen=True, slots=True)
+class JoinedFile:
+    """A split file to download whole: each part written straight at its offset of the file."""
+
+    path: str
+    blake3: str  # the whole file's, from its parts file
+    size_bytes: int
+    parts: tuple[ManifestEntry, ...]  # the manifest's entries (with URLs), in order
+
+
+def plan_joined(
+    manifest: SnapshotManifest, blobs: BlobStore, missing: list[ManifestEntry]
+) -> tuple[list[ManifestEntry], list[JoinedFile]]:
+    """Which of ``missing`` (as ``Store.missing_blobs`` lists them) to download as blobs, and
+    which split files to download whole instead of as parts to join afterwards.
+
+    A split file is downloaded whole when its parts file is in the store (download the parts
+    files first: they name the whole blob), the whole blob is not, no part is (a fetch of the
+    parts that stopped half way finishes that way) and no part's bytes are another entry's
+    too (the parts are then exactly the blobs it replaces). Its parts leave the list.
+    """
+    plan = plan_snapshot(manifest)
+    uses = Counter(e.blake3 for e in plan.entries)
+    joined: list[JoinedFile] = []
+    for split in plan.splits:
+        if not blobs.has_blob(split.index.blake3):
+            continue
+        parts_file = read_parts_file(blobs, split)
+        if blobs.has_blob(parts_file.blake3):
+            continue
+        if any(uses[p.blake3] > 1 or blobs.has_blob(p.blake3) for p in split.parts):
+            continue
+        joined.append(JoinedFile(split.path, parts_file.blake3, parts_file.size_bytes, split.parts))
+    replaced = {p.blake3 for j in joined for p in j.parts}
+    return [e for e in missing if e.blake3 not in replaced], joined
 
 
 def _missing_error(plan: SnapshotPlan, absent: list[ManifestEntry]) -> BlobMissingError:

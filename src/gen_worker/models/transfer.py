@@ -1,10 +1,11 @@
 """One blob's bytes over HTTP: the request, the checks on the answer, writing at an offset.
 
 The pieces the sequential and the parallel-range downloads share (:mod:`.download`,
-:mod:`.ranges`): what a blob is (:class:`BlobSource`) and how hard to try
-(:class:`DownloadPolicy`); :class:`Fetcher`, which sends one ``GET`` (with ``Range`` when it
-resumes), classifies the answer and writes its body at the right offset; :class:`Attempts`,
-the retry budget; :class:`Progress`, which turns written bytes into forward-only deltas.
+:mod:`.ranges`): what a blob is (:class:`BlobSource`), what the finished file must be
+(:class:`Target`) and how hard to try (:class:`DownloadPolicy`); :class:`Fetcher`, which sends
+one ``GET`` (with ``Range`` when it resumes), classifies the answer and writes its body at the
+right offset; :class:`Segment`, the part of the file one blob fills (a file downloaded from its
+parts has several); :class:`Attempts`, the retry budget.
 
 A URL may carry a presigned signature in its query string: every message and log line shows
 :func:`shown_url` (``scheme://host[:port]/path``) only.
@@ -16,13 +17,13 @@ import asyncio
 import contextlib
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gen_worker.errors import DownloadError, HubAuthError, HubError, HubNotFoundError
 from gen_worker.logs import log
-from gen_worker.models.blob_io import BlockWriter, Cursor, InlineHash, Progress
+from gen_worker.models.blob_io import BlockWriter, Cursor, InlineHash, Progress, network_backend
 
 if TYPE_CHECKING:
     # httpx is imported where it is used (slow to import; see files/assets.py).
@@ -36,10 +37,14 @@ __all__ = [
     "Forbidden",
     "Mismatch",
     "RangeRejected",
+    "Segment",
+    "Target",
     "Transient",
     "UrlHolder",
     "describe",
+    "make_client",
     "retry_after_s",
+    "segment_at",
     "shown_url",
     "transport_errors",
 ]
@@ -75,6 +80,24 @@ class BlobSource:
         if not self.url.lower().startswith(("http://", "https://")):
             raise ValueError(f"{self.name}: the download URL must be an http(s) URL")
 
+    @property
+    def target(self) -> Target:
+        return Target(self.name, self.size_bytes, self.blake3, self.sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The file a download must produce: its name (for messages), size and digests.
+
+    A blob's own (:attr:`BlobSource.target`), or a file that is the concatenation of several
+    blobs (its parts, each a :class:`Segment`).
+    """
+
+    name: str
+    size_bytes: int
+    blake3: str = ""
+    sha256: str = ""
+
 
 @dataclass(frozen=True, slots=True)
 class DownloadPolicy:
@@ -103,6 +126,71 @@ class DownloadPolicy:
                     raise ValueError(
                         f"DownloadPolicy.{field} is {getattr(self, field)}; it must be {rule}"
                     )
+
+
+# -- the HTTP client -------------------------------------------------------------------------
+
+
+def make_client(
+    policy: DownloadPolicy | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    max_connections: int = 64,
+) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` suited to blob downloads.
+
+    The policy's timeouts; HTTP/1.1 (one TCP connection per range is what makes ranges
+    parallel); up to ``max_connections`` pooled connections; redirects followed (presigned
+    storage URLs redirect; httpx drops ``Authorization`` when a redirect changes origin); no
+    content encoding asked for (bytes on disk must be the bytes hashed); connections that
+    receive in large pieces (see :func:`_download_transport`). ``headers`` are sent with every
+    request (a hub token, for example).
+    """
+    import httpx  # noqa: PLC0415  # deferred: see the module's imports
+
+    policy = policy or DownloadPolicy()
+    limits = httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+        keepalive_expiry=30.0,
+    )
+    return httpx.AsyncClient(
+        transport=_download_transport(limits),
+        limits=limits,  # for the transports of proxies taken from the environment
+        follow_redirects=True,
+        timeout=httpx.Timeout(
+            connect=policy.connect_timeout_s,
+            read=policy.read_timeout_s,
+            write=policy.read_timeout_s,
+            pool=None,
+        ),
+        headers={**(headers or {}), "Accept-Encoding": "identity"},
+    )
+
+
+def _download_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """HTTP/1.1 over a pool whose connections use :func:`.blob_io.network_backend`.
+
+    httpx builds its pool with no way to pass a network backend, so the transport's pool is
+    replaced by an equivalent one with ours; an httpx that keeps its pool under another name
+    keeps its own (and reads more slowly, but correctly).
+    """
+    import httpcore  # noqa: PLC0415  # deferred like httpx, which imports it
+    import httpx  # noqa: PLC0415
+
+    ssl_context = httpx.create_ssl_context()
+    transport = httpx.AsyncHTTPTransport(verify=ssl_context, http1=True, http2=False, limits=limits)
+    if isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
+        transport._pool = httpcore.AsyncConnectionPool(  # see above
+            ssl_context=ssl_context,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            http1=True,
+            http2=False,
+            network_backend=network_backend(),
+        )
+    return transport
 
 
 def _at_least_1(value: float) -> bool:
@@ -153,13 +241,17 @@ class RangeRejected(Exception):
 
 
 class Mismatch(Exception):
-    """The bytes are not the blob: a size or a digest differs from the manifest."""
+    """The bytes are not the blob: a size or a digest differs from the manifest.
 
-    def __init__(self, what: str, expected: str, actual: str) -> None:
+    ``name`` is the part that is wrong when a file made of parts is; else empty (the file).
+    """
+
+    def __init__(self, what: str, expected: str, actual: str, *, name: str = "") -> None:
         self.what = what
         self.expected = expected
         self.actual = actual
-        super().__init__(f"{what}: expected {expected}, got {actual}")
+        self.name = name
+        super().__init__(f"{name + ': ' if name else ''}{what}: expected {expected}, got {actual}")
 
 
 # -- state shared by the requests of one download ---------------------------------------------
@@ -346,14 +438,14 @@ class Fetcher:
         if status == 206:
             content_range = _content_range(response.headers.get("content-range"))
             if content_range is not None and content_range[2] not in (None, size):
-                raise Mismatch("size", str(size), str(content_range[2]))
+                raise Mismatch("size", str(size), str(content_range[2]), name=self.source.name)
             if content_range is None or content_range[0] != first:
                 raise RangeRejected(f"asked for bytes {first}-, got Content-Range {content_range}")
             return
         if status == 200:
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) != size:
-                raise Mismatch("size", str(size), declared)
+                raise Mismatch("size", str(size), declared, name=self.source.name)
             return
         self._raise_for_status(status, response, generation, ranged=ranged)
 
@@ -399,3 +491,27 @@ class Fetcher:
             return await writer.push() or await writer.drain()
         finally:
             writer.settle()
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Bytes ``[offset, end)`` of the file being filled are the blob ``fetcher`` downloads."""
+
+    offset: int
+    fetcher: Fetcher
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.fetcher.source.size_bytes
+
+    @property
+    def name(self) -> str:
+        return self.fetcher.source.name
+
+
+def segment_at(segments: Sequence[Segment], pos: int) -> Segment:
+    """The segment holding byte ``pos`` (the last one for the end of the file)."""
+    for segment in segments:
+        if pos < segment.end:
+            return segment
+    return segments[-1]
