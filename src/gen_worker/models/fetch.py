@@ -148,14 +148,7 @@ class SnapshotFetcher:
                     emit("model.download.failed", _failure(name, manifest.digest, exc))
                     raise
             emit(
-                "model.download.completed",
-                {
-                    "model_id": name,
-                    "digest": manifest.digest,
-                    "bytes": total,
-                    "bytes_transferred": transferred,
-                    "duration_ms": round((time.monotonic() - started) * 1000, 1),
-                },
+                "model.download.completed", _completed(name, manifest, total, transferred, started)
             )
             return self._finish(manifest, ref)
 
@@ -197,16 +190,7 @@ class SnapshotFetcher:
             except BaseException as exc:
                 emit("model.download.failed", _failure(ref, "", exc))
                 raise
-            emit(
-                "model.download.completed",
-                {
-                    "model_id": ref,
-                    "digest": manifest.digest,
-                    "bytes": total,
-                    "bytes_transferred": transferred,
-                    "duration_ms": round((time.monotonic() - started) * 1000, 1),
-                },
-            )
+            emit("model.download.completed", _completed(ref, manifest, total, transferred, started))
             return self._finish(manifest, ref)
 
     async def _download_unhashed(
@@ -414,6 +398,18 @@ def _source(manifest: SnapshotManifest, entry: ManifestEntry) -> BlobSource:
 
 def _url_key(entry: ManifestEntry) -> str:
     return blake3.blake3(f"{entry.url}\0{entry.size_bytes}".encode()).hexdigest()
+
+
+def _completed(
+    name: str, manifest: SnapshotManifest, total: int, transferred: int, started: float
+) -> dict[str, Any]:
+    return {
+        "model_id": name,
+        "digest": manifest.digest,
+        "bytes": total,
+        "bytes_transferred": transferred,
+        "duration_ms": round((time.monotonic() - started) * 1000, 1),
+    }
 
 
 def _failure(name: str, digest: str, exc: BaseException) -> dict[str, Any]:
