@@ -245,9 +245,10 @@ class DevRunner:
             await run.execute()
         finally:
             run.cancel()  # this task was canceled (the server stops): no-op once finished
+        # An Event encodes as an event item itself; progress and log lines are converted.
         # Told apart by exact type: isinstance against a union costs several times more.
-        events = [
-            EventItem(o.seq, o.event_type, o.payload) if type(o) is Event else event_item(o)
+        events: list[EventItem | Event] = [
+            o if type(o) is Event else event_item(o)
             for o in run.channel.take_nowait()
             if type(o) is Event or isinstance(o, Progress | Log)
         ]

@@ -45,7 +45,8 @@ class InvokeResponse(msgspec.Struct):
     error_type: str | None = None
     safe_message: str | None = None
     error_message: str | None = None
-    events: list[EventItem] = []
+    #: An engine Event encodes exactly as an EventItem (see gen_worker.engine.outcomes).
+    events: list[EventItem | Event] = []
     timing_ms: dict[str, float] = {}
 
 
@@ -69,7 +70,11 @@ def event_item(outcome: Progress | Log | Event) -> EventItem:
 
 
 def invoke_response(
-    request_id: str, terminal: Result | Failure, events: list[EventItem], *, streaming: bool
+    request_id: str,
+    terminal: Result | Failure,
+    events: list[EventItem | Event],
+    *,
+    streaming: bool,
 ) -> tuple[int, InvokeResponse]:
     """The status and body for a finished request."""
     if isinstance(terminal, Result):

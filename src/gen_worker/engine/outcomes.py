@@ -40,8 +40,15 @@ class Log(msgspec.Struct, frozen=True, gc=False, tag="log"):
     level: str = "info"
 
 
-class Event(msgspec.Struct, frozen=True, gc=False, tag="event"):
-    """A lifecycle, metrics or custom event (``event_type`` as in the observability spec)."""
+class Event(
+    msgspec.Struct, frozen=True, gc=False, omit_defaults=True, rename={"event_type": "type"}
+):
+    """A lifecycle, metrics or custom event (``event_type`` as in the observability spec).
+
+    Untagged, and encoded as ``{"seq", "type", "payload"?}``: exactly an item of the dev
+    runner's ``events`` list, which takes events as they are instead of converting each one
+    (ten per request). Nothing decodes outcomes, so the union needs no tags to tell them apart.
+    """
 
     seq: int
     event_type: str

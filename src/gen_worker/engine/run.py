@@ -110,14 +110,18 @@ class RequestRun:
         self._timing: dict[str, float] = {}
         timeout_ms = meta.timeout_ms
         self.timeout_s = timeout_ms / 1000 if timeout_ms is not None else spec.timeout_s
-        self._call = FunctionCall(
-            spec,
-            codec=codec,
-            wire_codec=meta.codec,
-            channel=self.channel,
-            cancel_event=self.cancel_event,
-            deps=deps,
-        )
+        # A plain async function is awaited right here (_infer); the rest (threads, streams)
+        # needs FunctionCall's machinery.
+        self._call: FunctionCall | None = None
+        if not spec.is_async or spec.is_streaming:
+            self._call = FunctionCall(
+                spec,
+                codec=codec,
+                wire_codec=meta.codec,
+                channel=self.channel,
+                cancel_event=self.cancel_event,
+                deps=deps,
+            )
         self._holds_slot = False
         self._begun = False
         self.stopped = asyncio.Event()
@@ -183,7 +187,8 @@ class RequestRun:
         if not ended:
             return False
         self.cancel_event.set()
-        self._call.stop_thread_later()
+        if self._call is not None:
+            self._call.stop_thread_later()
         return True
 
     # -- phases ---------------------------------------------------------------------------------
@@ -312,8 +317,13 @@ class RequestRun:
         channel.emit("request.inference.started", {})
         start = time.monotonic()
         watch.start(self, warn_s, self._inference_stuck)
+        call = self._call
         try:
-            output = await self._call.run(ctx, payload, kwargs)
+            if call is None:
+                kwargs[self.spec.payload_param] = payload
+                output = await self.spec.func(ctx, **kwargs)
+            else:
+                output = await call.run(ctx, payload, kwargs)
         except BaseException as exc:
             watch.stop(self, warn_s)
             if not isinstance(exc, asyncio.CancelledError):
@@ -448,7 +458,10 @@ class RequestRun:
         if self._fetched_inputs and self._deps.assets is not None:
             self._deps.assets.cleanup(self.request_id)
 
-        self._call.when_stopped(self._release)
+        if self._call is None:
+            self._release()
+        else:
+            self._call.when_stopped(self._release)
 
     def _release(self) -> None:
         if self._holds_slot:
