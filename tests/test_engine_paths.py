@@ -322,3 +322,14 @@ def test_finished_runs_leave_no_reference_cycles() -> None:
         return garbage
 
     assert run_async(go) == []
+
+
+def test_an_event_encodes_as_the_dev_runners_event_item() -> None:
+    from gen_worker.devserver.responses import EventItem
+
+    for payload in ({"k": [1, "v"]}, {}):
+        event = Event(3, "custom.note", payload)
+        assert msgspec.json.encode(event) == msgspec.json.encode(
+            EventItem(3, "custom.note", payload)
+        )
+    assert msgspec.json.decode(msgspec.json.encode(Event(0, "a", {}))) == {"seq": 0, "type": "a"}

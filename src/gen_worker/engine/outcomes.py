@@ -1,4 +1,4 @@
-"""What running one request produces, in order: a tagged union of typed outcomes.
+"""What running one request produces, in order: a union of typed outcomes.
 
 Every outcome carries the request's sequence number ``seq`` (0, 1, 2 ... per request) so a
 transport can deliver them in order and a scheduler can drop duplicates after a resume. A run
@@ -6,7 +6,9 @@ yields any number of :class:`Progress`, :class:`Log`, :class:`Event` and :class:
 exactly one terminal outcome, :class:`Result` or :class:`Failure`.
 
 Outcomes are plain data that never refer back to themselves: ``gc=False`` keeps the cycle
-collector from tracking the ten or so a request produces.
+collector from tracking the ten or so a request produces. Transports tell them apart by type
+(nothing decodes them), so the union needs no tags; :class:`Event` has none, so that it encodes
+as the dev runner's event item.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Event(
 
     Untagged, and encoded as ``{"seq", "type", "payload"?}``: exactly an item of the dev
     runner's ``events`` list, which takes events as they are instead of converting each one
-    (ten per request). Nothing decodes outcomes, so the union needs no tags to tell them apart.
+    (nine per request).
     """
 
     seq: int
