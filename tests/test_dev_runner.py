@@ -152,16 +152,35 @@ def test_deadline_is_504(client: httpx.Client) -> None:
     assert time.monotonic() - start < 5
 
 
-def test_memory_model_routes_are_501(client: httpx.Client) -> None:
-    for method, path in [
-        ("POST", "/v1/models/load"),
-        ("POST", "/v1/models/unload"),
-        ("POST", "/v1/warmup/chatty"),
-    ]:
-        r = client.request(method, path, json={})
-        assert r.status_code == 501, path
-        assert "--model REF=DIR" in r.json()["safe_message"]
-        assert "/v1/models/prefetch" in r.json()["safe_message"]
+def test_memory_model_routes_say_what_is_wrong(client: httpx.Client) -> None:
+    for path in ("/v1/models/load", "/v1/models/unload"):
+        r = client.post(path, json={})
+        assert r.status_code == 400, path
+        assert r.json()["error_message"] == (
+            '\'model_id\' is missing; expected {"model_id": "owner/repo:tag"}'
+        )
+        r = client.post(path, json={"model_id": "a/b/c"})
+        assert r.status_code == 400 and "a/b/c" in r.json()["error_message"], r.text
+    # No hub and nothing in the store: the load says where the model could come from.
+    r = client.post("/v1/models/load", json={"model_id": "Acme/Absent"})
+    assert r.status_code == 500 and r.json()["error_type"] == "fatal"
+    assert r.json()["error_message"] == (
+        "model acme/absent:latest is not in the local store and no hub is configured; set "
+        "TENSORHUB_URL to a hub that has it, or serve a folder with --model "
+        "acme/absent:latest=DIR"
+    )
+    # Unloading what is not loaded is not an error: there is nothing to do.
+    r = client.post("/v1/models/unload", json={"model_id": "acme/absent"})
+    assert r.status_code == 200 and r.json() == {
+        "ok": True,
+        "model_id": "acme/absent:latest",
+        "unloaded": False,
+    }
+    # A function without models warms up at once; an unknown one is a 404.
+    r = client.post("/v1/warmup/chatty", json={})
+    assert r.status_code == 200 and r.json()["ok"] is True
+    assert r.json()["request_id"].startswith("warmup-")
+    assert client.post("/v1/warmup/nope", json={}).status_code == 404
 
 
 def test_prefetch_without_models_is_400_and_status_lists_the_store(
@@ -419,4 +438,6 @@ def test_models_from_local_folders(tmp_path: Path) -> None:
         assert "choose one of ['large', 'small']" in unknown.json()["safe_message"]
         absent = post(c, "describe-models", {"model": "large"})
         assert absent.status_code == 500
-        assert "gen-worker/tiny-lm:v2 is not available" in absent.json()["safe_message"]
+        assert absent.json()["safe_message"].startswith(
+            "model gen-worker/tiny-lm:v2 is not in the local store and no hub is configured"
+        )

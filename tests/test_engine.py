@@ -31,7 +31,6 @@ from gen_worker.engine import (
     Event,
     Failure,
     InProcessModels,
-    LocalModels,
     Log,
     Outcome,
     Progress,
@@ -39,6 +38,8 @@ from gen_worker.engine import (
     Result,
 )
 from gen_worker.files import LocalOutputSink
+from gen_worker.injection import CachedModels, SnapshotFinder
+from gen_worker.model_cache import ModelCache
 
 T = TypeVar("T")
 
@@ -481,10 +482,12 @@ def test_local_models_load_folders_by_ref(tmp_path: Path) -> None:
 
     (tmp_path / "tok").mkdir()
     (tmp_path / "a").mkdir()
-    models = LocalModels(
-        {"tok": "acme/tok:latest"},
-        {"paint": {"a": "acme/a:latest", "b": "acme/b:latest"}},
-        {"acme/tok:latest": tmp_path / "tok", "acme/a:latest": tmp_path / "a"},
+    folders = {"acme/tok:latest": tmp_path / "tok", "acme/a:latest": tmp_path / "a"}
+    models = CachedModels(
+        ModelCache(max_vram_gb=1.0),
+        SnapshotFinder(None, folders=folders),
+        declared={"tok": "acme/tok:latest"},
+        keyspaces={"paint": {"a": "acme/a:latest", "b": "acme/b:latest"}},
     )
     uses_models.SEEN.clear()
     outcomes = once(uses_models.paint, b'{"model": "a"}', engine_kwargs={"models": models})
@@ -494,7 +497,10 @@ def test_local_models_load_folders_by_ref(tmp_path: Path) -> None:
     assert job.payload["cache_state"] == "warm_disk"
     missing = terminal(once(uses_models.paint, b'{"model": "b"}', engine_kwargs={"models": models}))
     assert isinstance(missing, Failure) and missing.error_type == "fatal"
-    assert "model acme/b:latest is not available on this machine" in missing.safe_message
+    assert missing.safe_message.startswith(
+        "model acme/b:latest is not available: no model store is configured and no local "
+        "folder was given for it (--model acme/b:latest=DIR)"
+    )
     assert "request.model_load.failed" in event_types(
         once(uses_models.paint, b'{"model": "b"}', engine_kwargs={"models": models})
     )

@@ -19,6 +19,8 @@ ROOT_API = [
     "SourceRepo",
     "Tensors",
     "__version__",
+    "apply_low_vram_config",
+    "with_oom_retry",
     "worker_function",
 ]
 
@@ -41,6 +43,8 @@ ERRORS_API = [
     "HubUnavailableError",
     "InsufficientDiskError",
     "InvalidModelRefError",
+    "ModelInUseError",
+    "ModelLoadError",
     "OutputTooLargeError",
     "ResourceError",
     "RetryableError",

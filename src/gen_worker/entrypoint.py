@@ -17,7 +17,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -39,6 +39,9 @@ from gen_worker.logs import log
 from gen_worker.runtime import core_types as ct
 from gen_worker.runtime.models import WorkerModels
 from gen_worker.runtime.worker import Identity, Worker
+
+if TYPE_CHECKING:
+    from gen_worker.injection import CachedModels
 
 __all__ = ["main", "run_inference"]
 
@@ -156,7 +159,43 @@ def _output_sinks(
     return make
 
 
-def _engine(settings: WorkerSettings, endpoint: LoadedEndpoint, models: ModelSettings) -> Engine:
+def _provider(
+    endpoint: LoadedEndpoint, models: WorkerModels, emit: Callable[[str, dict[str, Any]], None]
+) -> CachedModels | None:
+    """The model cache and loaders, when a function injects a model (else None: no torch)."""
+    if not any(spec.injections for spec in endpoint.functions):
+        return None
+    from gen_worker.injection import build_cached_models, detect_device  # noqa: PLC0415
+
+    return build_cached_models(
+        endpoint.lock,
+        endpoint.functions,
+        settings=models.settings,
+        source=lambda: models.source,  # one store and one downloader for prefetch and loads
+        allow_hub=models.settings.allow_hub_resolve,
+        device=detect_device(),
+        on_event=emit,
+    )
+
+
+class _Relay:
+    """An event sink whose target is set later (the worker is built after its engine)."""
+
+    target: Callable[[str, dict[str, Any]], None] | None = None
+
+    def __call__(self, event_type: str, payload: dict[str, Any]) -> None:
+        if self.target is not None:
+            self.target(event_type, payload)
+        else:
+            log("info", event_type, **payload)
+
+
+def _engine(
+    settings: WorkerSettings,
+    endpoint: LoadedEndpoint,
+    models: ModelSettings,
+    provider: CachedModels | None = None,
+) -> Engine:
     hub_files = f"{models.tensorhub_url}/api/v1/files" if models.tensorhub_url else None
     return Engine(
         endpoint.functions,
@@ -165,6 +204,8 @@ def _engine(settings: WorkerSettings, endpoint: LoadedEndpoint, models: ModelSet
             settings.engine, endpoint.lock.resources.get("max_inflight_requests")
         ),
         outputs=_output_sinks(settings, hub_files, models.tensorhub_token or ""),
+        models=provider,
+        device=provider.device if provider is not None else "cpu",
         # Input files by URL, public hosts only (the dev runner allows local ones).
         assets=AssetFetcher(
             Path(settings.tensorhub_cache_dir) / "inputs",
@@ -193,17 +234,21 @@ async def run_inference(settings: WorkerSettings) -> int:
             load_model_settings(), cache_dir=settings.tensorhub_cache_dir
         )
         models = WorkerModels(model_settings)
+        # Model events go to the worker's stream; the worker exists only after the engine.
+        emit = _Relay()
+        models.provider = _provider(endpoint, models, emit)
     except GenWorkerError as exc:
         return _fatal("boot", exc)
     worker = Worker(
         _core_config(settings, address),
         identity,
         endpoint,
-        _engine(settings, endpoint, model_settings),
+        _engine(settings, endpoint, model_settings, models.provider),
         verify_token=_token_verifier(settings),
         heartbeat_interval_s=settings.heartbeat_interval_s,
         models=models,
     )
+    emit.target = worker.worker_event
     try:
         return await worker.run()
     finally:

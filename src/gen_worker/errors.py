@@ -9,11 +9,13 @@ message::
     ├── ValidationError            validation         no    bad input; a 4xx to the caller
     │   └── InvalidModelRefError   validation         no    a model ref outside the grammar
     ├── RetryableError             retryable          yes   transient; may be retried elsewhere
+    │   └── ModelInUseError        retryable          yes   unloading a model a request uses
     ├── ResourceError              resource           yes   resources exhausted (e.g. OOM)
     ├── CanceledError              canceled           no    the run was canceled
     ├── AuthError                  auth               no    permission denied
     ├── FatalError                 fatal              no    unrecoverable
-    │   └── ConfigError            fatal              no    a setting (env variable) is malformed
+    │   ├── ConfigError            fatal              no    a setting (env variable) is malformed
+    │   └── ModelLoadError         fatal              no    a loader could not load a model
     ├── OutputTooLargeError        output_too_large   no    output above the byte limit
     ├── BusyError                  busy               yes   the queue of waiting requests is full
     ├── HubError                   (per subclass)           the hub answered with an error
@@ -61,6 +63,8 @@ __all__ = [
     "HubUnavailableError",
     "InsufficientDiskError",
     "InvalidModelRefError",
+    "ModelInUseError",
+    "ModelLoadError",
     "OutputTooLargeError",
     "ResourceError",
     "RetryableError",
@@ -107,6 +111,19 @@ class RetryableError(GenWorkerError):
     retryable = True
 
 
+class ModelInUseError(RetryableError):
+    """A model cannot be unloaded now: running requests use it. Refused, not failed: the
+    same unload succeeds once they finish."""
+
+    def __init__(self, model_id: str, uses: int) -> None:
+        self.model_id = model_id
+        self.uses = uses
+        super().__init__(
+            f"model {model_id} is in use by {uses} running request(s); wait for them to finish "
+            "(or cancel them) and unload it again"
+        )
+
+
 class ResourceError(GenWorkerError):
     """Resources were exhausted (memory after the low-VRAM ladder, disk); retryable elsewhere."""
 
@@ -138,6 +155,16 @@ class ConfigError(FatalError):
     def __init__(self, variable: str, problem: str) -> None:
         self.variable = variable
         super().__init__(f"{variable}: {problem}")
+
+
+class ModelLoadError(FatalError):
+    """A model's files could not be loaded by the loader its annotation picked."""
+
+    def __init__(self, ref: str, loader: str, cause: str) -> None:
+        self.ref = ref
+        self.loader = loader
+        self.cause = cause
+        super().__init__(f"could not load {ref} with {loader}: {cause}")
 
 
 class BusyError(GenWorkerError):

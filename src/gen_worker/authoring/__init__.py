@@ -6,6 +6,7 @@ image build time is fast and safe.
 
 from gen_worker.authoring.context import ContextHooks, OutputSink, OutputStream, RequestContext
 from gen_worker.authoring.decorator import find_function_spec, get_function_spec, worker_function
+from gen_worker.authoring.keyspace import selected_key
 from gen_worker.authoring.slug import slugify
 from gen_worker.authoring.spec import (
     FunctionSpec,
@@ -33,6 +34,7 @@ __all__ = [
     "Tensors",
     "find_function_spec",
     "get_function_spec",
+    "selected_key",
     "slugify",
     "worker_function",
 ]

@@ -50,9 +50,9 @@ _ENVELOPE_KEYS = frozenset(
     {"payload", "request_id", "timeout_ms", "owner", "invoker_id", "required_models"}
 )
 _NOT_YET = (
-    "loading models into memory (/v1/models/load, /v1/models/unload, /v1/warmup) is not "
-    "available in this version of the dev runner; download with /v1/models/prefetch, or serve "
-    "local snapshot folders with --model REF=DIR"
+    "this runner was built without a model store, so the model routes (/v1/models/*, "
+    "/v1/warmup) are off; start it with the http_runner command (or build_runner), which "
+    "configures one from TENSORHUB_URL and TENSORHUB_CACHE_DIR"
 )
 _encoder = msgspec.json.Encoder()
 _INVOKE_PREFIX = "/v1/request/"
@@ -123,14 +123,22 @@ class DevRunner:
         return [
             Route("/v1/request/{function}", self.invoke, methods=["POST"]),  # see _App
             Route("/v1/request/{request_id}", self.cancel, methods=["DELETE"]),
-            Route("/v1/warmup/{function}", self.not_yet, methods=["POST"]),
+            Route("/v1/warmup/{function}", self.warmup, methods=["POST"]),
             Route(
                 "/v1/models/prefetch",
                 self.models.prefetch if self.models else self.not_yet,
                 methods=["POST"],
             ),
-            Route("/v1/models/load", self.not_yet, methods=["POST"]),
-            Route("/v1/models/unload", self.not_yet, methods=["POST"]),
+            Route(
+                "/v1/models/load",
+                self.models.load if self.models else self.not_yet,
+                methods=["POST"],
+            ),
+            Route(
+                "/v1/models/unload",
+                self.models.unload if self.models else self.not_yet,
+                methods=["POST"],
+            ),
             Route(
                 "/v1/models/status",
                 self.models.status if self.models else self.not_yet,
@@ -280,6 +288,11 @@ class DevRunner:
         return _json({"request_id": request_id, "canceled": self.engine.cancel(request_id)})
 
     # -- everything else ------------------------------------------------------------------------
+
+    async def warmup(self, request: Request) -> Response:
+        if self.models is None:
+            return await self.not_yet(request)
+        return await self.models.warmup(request, self.engine.find(request.path_params["function"]))
 
     async def not_yet(self, request: Request) -> Response:
         return _json(error_body("not_implemented", _NOT_YET), 501)

@@ -1,16 +1,20 @@
-"""The dev runner's model routes that the store serves: prefetch and status.
+"""The dev runner's model routes: prefetch, load, unload, warmup and status.
 
 ``POST /v1/models/prefetch`` pulls models into the local store (through the hub named by
 ``TENSORHUB_URL``, Hugging Face for ``hf:`` refs, or what the store already holds) and answers
 ``{results: [{model_id, ok, duration_ms, path?, error_type?, error_message?}]}``; a body
-without a ``models`` list is a 400 that says what is valid. ``GET /v1/models/status`` lists the
-store's snapshots (warm on disk) and what is downloading now. Loading into memory
-(``/v1/models/load``, ``/unload``, ``/v1/warmup``) belongs to the model cache.
+without a ``models`` list is a 400 that says what is valid. ``POST /v1/models/load`` and
+``/unload`` (body ``{model_id}``) move a model into and out of the model cache (unloading one a
+request is using is a 409); ``POST /v1/warmup/{function}`` resolves and loads a function's
+models without calling it. ``GET /v1/models/status`` lists hot models (in memory), the store's
+snapshots (warm on disk) and what is downloading or loading now.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +22,12 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gen_worker.authoring import FunctionSpec, ModelRefSource
 from gen_worker.devserver.responses import error_body
-from gen_worker.errors import ValidationError
+from gen_worker.errors import GenWorkerError, ModelInUseError, ValidationError
+from gen_worker.injection import CachedModels
 from gen_worker.models.source import ModelSource, parse_prefetch_body
+from gen_worker.refs import normalize_ref
 
 __all__ = ["ModelRoutes"]
 
@@ -39,6 +46,8 @@ class ModelRoutes:
         self._make_source = make_source
         self._source: ModelSource | None = None
         self._downloading: dict[str, int] = {}
+        #: The engine's model provider (the model cache); set by the runner that builds both.
+        self.provider: CachedModels | None = None
 
     @property
     def source(self) -> ModelSource:
@@ -92,8 +101,116 @@ class ModelRoutes:
             {
                 "store": str(store.root),
                 "hub": self.source.hub.base_url if self.source.hub is not None else None,
-                "hot": [],
+                "hot": self.provider.inventory()["hot"] if self.provider else [],
+                "loading": self.provider.inventory()["loading"] if self.provider else [],
                 "warm": warm,
                 "downloading": sorted(self._downloading),
+                "cache": self.provider.cache.get_stats() if self.provider else None,
             }
         )
+
+    # -- the model cache --------------------------------------------------------------------
+
+    def _provider(self) -> CachedModels:
+        if self.provider is None:
+            raise ValidationError("this runner has no model cache (no model is declared)")
+        return self.provider
+
+    async def load(self, request: Request) -> Response:
+        started = time.monotonic()
+        try:
+            ref = _model_id(await request.body())
+            keys = await self._provider().load_model(ref)
+        except GenWorkerError as exc:
+            return _json(_failure(exc), _status(exc))
+        return _json({"ok": True, "model_id": ref, "loaded": keys, "duration_ms": _ms(started)})
+
+    async def unload(self, request: Request) -> Response:
+        try:
+            ref = _model_id(await request.body())
+            unloaded = self._provider().unload_model(ref)
+        except GenWorkerError as exc:
+            return _json(_failure(exc), _status(exc))
+        return _json({"ok": True, "model_id": ref, "unloaded": unloaded})
+
+    async def warmup(self, request: Request, spec: FunctionSpec | None) -> Response:
+        """Resolve and load ``spec``'s models without calling it.
+
+        A PAYLOAD parameter loads the key the body's payload names, or every key of the
+        function's keyspace when the body has none.
+        """
+        started = time.monotonic()
+        request_id = f"warmup-{uuid.uuid4().hex[:12]}"
+        if spec is None:
+            name = request.path_params["function"]
+            return _json(error_body("not_found", f"no function named {name!r}"), 404)
+        try:
+            body = await request.body()
+            payload = msgspec.json.decode(body) if body.strip() else {}
+            if spec.injections:
+                provider = self._provider()
+                for ref in _warmup_refs(provider, spec, payload):
+                    await provider.load_model(ref)
+        except msgspec.DecodeError as exc:
+            return _json(error_body("validation", f"the body is not JSON ({exc})"), 400)
+        except GenWorkerError as exc:
+            return _json({**_failure(exc), "request_id": request_id}, _status(exc))
+        return _json({"ok": True, "request_id": request_id, "duration_ms": _ms(started)})
+
+
+def _warmup_refs(provider: CachedModels, spec: FunctionSpec, payload: Any) -> list[str]:
+    """The refs a warmup of ``spec`` loads (``payload``: the body, a payload or envelope)."""
+    if isinstance(payload, dict) and isinstance(payload.get("payload"), dict):
+        payload = payload["payload"]
+    if not isinstance(payload, dict):
+        raise ValidationError("the warmup body must be a JSON object (a payload)")
+    refs: list[str] = []
+    for injection in spec.injections:
+        if injection.source is ModelRefSource.FIXED:
+            refs.append(provider.declared[injection.key])
+            continue
+        keyspace = provider.keyspaces.get(spec.name, {})
+        chosen = payload.get(injection.key)
+        if chosen is None:
+            refs.extend(keyspace.values())
+        elif chosen in keyspace:
+            refs.append(keyspace[chosen])
+        else:
+            raise ValidationError(
+                f"{injection.key}={chosen!r} is not a model of function "
+                f"'{spec.name}'; choose one of {sorted(keyspace)}"
+            )
+    return list(dict.fromkeys(refs))
+
+
+def _model_id(body: bytes) -> str:
+    try:
+        decoded = msgspec.json.decode(body) if body.strip() else None
+    except msgspec.DecodeError as exc:
+        raise ValidationError(
+            f'the body is not JSON ({exc}); expected {{"model_id": "owner/repo:tag"}}'
+        ) from exc
+    model = decoded.get("model_id") if isinstance(decoded, dict) else None
+    if not isinstance(model, str) or not model:
+        raise ValidationError('\'model_id\' is missing; expected {"model_id": "owner/repo:tag"}')
+    try:
+        parsed, _changed = normalize_ref(model)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from exc
+    return parsed.canonical
+
+
+def _failure(exc: GenWorkerError) -> dict[str, Any]:
+    return {"ok": False, "error_type": exc.error_type, "error_message": str(exc)}
+
+
+def _status(exc: GenWorkerError) -> int:
+    if isinstance(exc, ModelInUseError):
+        return 409
+    if isinstance(exc, ValidationError):
+        return 400
+    return 500
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)

@@ -1,7 +1,7 @@
 """The execution engine: one request of one function in, typed outcomes out."""
 
 from gen_worker.engine.engine import DEFAULT_CANCEL_GRACE_S, Engine, resolve_concurrency
-from gen_worker.engine.models import InProcessModels, LocalModels, ModelProvider
+from gen_worker.engine.models import InProcessModels, LoadRequest, ModelProvider
 from gen_worker.engine.outcomes import (
     TERMINAL,
     Delta,
@@ -24,7 +24,7 @@ __all__ = [
     "Event",
     "Failure",
     "InProcessModels",
-    "LocalModels",
+    "LoadRequest",
     "Log",
     "ModelProvider",
     "Outcome",

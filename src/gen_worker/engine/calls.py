@@ -22,6 +22,7 @@ from gen_worker.engine.emitter import OutcomeChannel
 from gen_worker.engine.request import Codec
 from gen_worker.engine.threads import CallThreads, clear_pending_in_thread, raise_in_thread
 from gen_worker.errors import CanceledError, OutputTooLargeError
+from gen_worker.low_vram.events import use_event_sink
 
 if TYPE_CHECKING:
     from gen_worker.engine.run import RunDeps
@@ -56,19 +57,53 @@ class FunctionCall:
         self._forced = 0
 
     async def run(
-        self, ctx: RequestContext, payload: msgspec.Struct, models: dict[str, Any]
+        self,
+        ctx: RequestContext,
+        payload: msgspec.Struct,
+        models: dict[str, Any],
+        *,
+        event_sink: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> Any:
-        """The function's return value (None for a streaming function: deltas went out)."""
+        """The function's return value (None for a streaming function: deltas went out).
+
+        ``event_sink`` (functions with injected models) is where the low-VRAM ladder's events
+        go while the function runs, in whatever thread it runs.
+        """
         spec = self._spec
         kwargs = {spec.payload_param: payload, **models}
+        if event_sink is not None:
+            with use_event_sink(event_sink):
+                return await self._run(ctx, kwargs, event_sink)
+        return await self._run(ctx, kwargs, None)
+
+    async def _run(
+        self,
+        ctx: RequestContext,
+        kwargs: dict[str, Any],
+        event_sink: Callable[[str, dict[str, Any]], None] | None,
+    ) -> Any:
+        spec = self._spec
         if spec.is_async and spec.is_streaming:
             await self._async_stream(spec.func(ctx, **kwargs))
             return None
         if spec.is_async:
             return await spec.func(ctx, **kwargs)
+
+        def in_sink(target: Callable[[], Any]) -> Callable[[], Any]:
+            if event_sink is None:
+                return target
+
+            def wrapped() -> Any:
+                with use_event_sink(event_sink):
+                    return target()
+
+            return wrapped
+
         if spec.is_streaming:
-            return await self._in_thread(lambda: self._sync_stream(spec.func(ctx, **kwargs)))
-        return await self._in_thread(lambda: spec.func(ctx, **kwargs))
+            return await self._in_thread(
+                in_sink(lambda: self._sync_stream(spec.func(ctx, **kwargs)))
+            )
+        return await self._in_thread(in_sink(lambda: spec.func(ctx, **kwargs)))
 
     # -- deltas -------------------------------------------------------------------------------
 

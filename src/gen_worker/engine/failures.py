@@ -7,6 +7,7 @@ import traceback
 from gen_worker.engine.outcomes import Failure
 from gen_worker.errors import GenWorkerError
 from gen_worker.logs import redact
+from gen_worker.low_vram.probes import is_oom_error
 
 __all__ = ["canceled_failure", "failure_from_exception", "timeout_failure"]
 
@@ -34,6 +35,17 @@ def failure_from_exception(
             safe_message=redact(exc.safe_message),
             error_message=_detail(exc),
             reason=getattr(exc, "reason", None),
+            timing_ms=timing_ms,
+        )
+    if is_oom_error(exc):
+        # Out of GPU memory after whatever the low-VRAM ladder could do: another worker (a
+        # bigger GPU, or one with less loaded) may well succeed.
+        return Failure(
+            seq=seq,
+            error_type="resource",
+            retryable=True,
+            safe_message=f"function '{function}' ran out of GPU memory",
+            error_message=_detail(exc),
             timing_ms=timing_ms,
         )
     return Failure(

@@ -2,24 +2,42 @@
 
 The engine asks two questions per model parameter, so it can time and report them apart:
 *which* model (``resolve``: the FIXED key or the PAYLOAD selection to a model id) and *give me
-it loaded* (``load``). :class:`InProcessModels` serves objects registered in-process (tests,
-notebooks); :class:`LocalModels` resolves against the endpoint's declared models and loads
-snapshot directories from local folders (the dev runner's ``--model REF=DIR``).
+it loaded* (``load``). A provider may also keep what a request uses from being evicted or used
+by another request at the same time: ``lock`` (after every load of a request) and ``release``
+(once the request's function has really stopped), keyed by the request's run object.
+
+:class:`InProcessModels` serves objects registered in-process (tests, notebooks); the model
+cache over the store and the loaders (:mod:`gen_worker.injection`) is the real one.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
 
-from gen_worker.authoring import FunctionSpec, InjectionSpec, ModelRefSource
-from gen_worker.errors import FatalError, ValidationError
+from gen_worker.authoring import FunctionSpec, InjectionSpec, ModelRefSource, selected_key
+from gen_worker.errors import FatalError
 
-__all__ = ["InProcessModels", "LocalModels", "ModelProvider", "selected_key"]
+__all__ = ["InProcessModels", "LoadRequest", "ModelProvider", "selected_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRequest:
+    """One model parameter of one request, as a provider's ``load`` receives it."""
+
+    model_id: str
+    injection: InjectionSpec
+    device: str
+    function_name: str
+    #: The request's run: what ``lock``/``release`` key their bookkeeping by.
+    holder: object
+    #: What the scheduler resolved for this request (ref -> snapshot digest and files).
+    resolved: Mapping[str, Any] = field(default_factory=dict)
+    #: The request's event sink (download and ladder events belong to the request).
+    emit: Callable[[str, dict[str, Any]], None] = lambda _type, _payload: None
 
 
 class ModelProvider(Protocol):
@@ -29,29 +47,16 @@ class ModelProvider(Protocol):
         """The model id (canonical ref) for this parameter; ValidationError for a bad choice."""
         ...
 
-    async def load(self, model_id: str, injection: InjectionSpec, device: str) -> Any:
+    async def load(self, request: LoadRequest) -> Any:
         """The loaded model object, of the parameter's annotated type."""
         ...
 
 
-# Optional on a provider: ``cache_state(model_id) -> "hot_vram" | "warm_disk" | "cold_remote"``,
-# asked before loading; it becomes ``metrics.job``'s ``cache_state``.
-
-
-def selected_key(
-    spec: FunctionSpec,
-    injection: InjectionSpec,
-    payload: msgspec.Struct,
-    allowed: Mapping[str, Any],
-) -> str:
-    """The key a PAYLOAD parameter selects; a value outside ``allowed`` is the caller's error."""
-    value = getattr(payload, injection.key)
-    if value not in allowed:
-        raise ValidationError(
-            f"{injection.key}={value!r} is not a model of function '{spec.name}'; "
-            f"choose one of {sorted(allowed)}"
-        )
-    return str(value)
+# Optional on a provider:
+# * ``cache_state(model_id) -> "hot_vram" | "warm_disk" | "cold_remote"``, asked before
+#   loading; it becomes ``metrics.job``'s ``cache_state``;
+# * ``async lock(holder, model_ids)`` and ``release(holder)``: see the module docstring;
+# * ``escalate(obj, emit) -> bool``: one low-VRAM step for an injected object after an OOM.
 
 
 class InProcessModels:
@@ -78,62 +83,8 @@ class InProcessModels:
         allowed = self._selectable.get(spec.name, {})
         return f"{spec.name}:{selected_key(spec, injection, payload, allowed)}"
 
-    async def load(self, model_id: str, injection: InjectionSpec, device: str) -> Any:
-        return self._objects[model_id]
+    async def load(self, request: LoadRequest) -> Any:
+        return self._objects[request.model_id]
 
     def cache_state(self, model_id: str) -> str:
         return "hot_vram"  # live objects in this process: nothing to fetch or load
-
-
-class LocalModels:
-    """Models declared in endpoint.lock, loaded from local snapshot folders.
-
-    ``declared`` maps [models] keys to refs and ``keyspaces`` maps function slugs to their
-    keys and refs; ``folders`` maps a ref (or a [models] key) to a directory on this machine.
-    """
-
-    def __init__(
-        self,
-        declared: Mapping[str, str],
-        keyspaces: Mapping[str, Mapping[str, str]],
-        folders: Mapping[str, Path],
-    ) -> None:
-        self._declared = dict(declared)
-        self._keyspaces = {fn: dict(keys) for fn, keys in keyspaces.items()}
-        self._folders = dict(folders)
-
-    async def resolve(
-        self, spec: FunctionSpec, injection: InjectionSpec, payload: msgspec.Struct
-    ) -> str:
-        if injection.source is ModelRefSource.FIXED:
-            ref = self._declared.get(injection.key)
-            if ref is None:
-                raise FatalError(f"endpoint.lock declares no [models] key '{injection.key}'")
-            return ref
-        keyspace = self._keyspaces.get(spec.name, {})
-        return keyspace[selected_key(spec, injection, payload, keyspace)]
-
-    async def load(self, model_id: str, injection: InjectionSpec, device: str) -> Any:
-        folder = self._folders.get(model_id)
-        if folder is None:
-            raise FatalError(
-                f"model {model_id} is not available on this machine; pass "
-                f"--model {model_id}=DIR with its snapshot folder"
-            )
-        return load_from_folder(folder, injection.type)
-
-    def cache_state(self, model_id: str) -> str:
-        return "warm_disk" if model_id in self._folders else "cold_remote"
-
-
-def load_from_folder(folder: Path, target: Any) -> Any:
-    """A snapshot folder as the annotated type: the path itself, or ``T.from_pretrained``."""
-    if target in (Path, str, object, Any):
-        return folder if target is not str else str(folder)
-    loader = getattr(target, "from_pretrained", None)
-    if inspect.isclass(target) and callable(loader):
-        return loader(str(folder))
-    raise FatalError(
-        f"cannot load a model as {getattr(target, '__qualname__', target)!r}: annotate the "
-        "parameter as Path, str, or a class with a from_pretrained(path) classmethod"
-    )

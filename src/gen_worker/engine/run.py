@@ -36,12 +36,19 @@ from gen_worker.engine.emitter import OutcomeChannel
 from gen_worker.engine.failures import canceled_failure, failure_from_exception, timeout_failure
 from gen_worker.engine.models import ModelProvider
 from gen_worker.engine.outcomes import Result
+from gen_worker.engine.phases import (
+    CACHE_ORDER,
+    call_with_oom_retry,
+    load_models,
+    release_models,
+)
 from gen_worker.engine.request import RequestMeta
 from gen_worker.engine.slots import FifoSlots
 from gen_worker.engine.threads import CallThreads
 from gen_worker.engine.watch import StuckWatch
 from gen_worker.errors import GenWorkerError, OutputTooLargeError, ValidationError
 from gen_worker.files import AssetFetcher, find_assets
+from gen_worker.low_vram.events import use_event_sink
 
 __all__ = ["InputTooLargeError", "RequestRun", "RunDeps"]
 
@@ -281,30 +288,22 @@ class RequestRun:
         self._metric("metrics.fetch", "fetch_ms", start)
 
     async def _load_models(self, payload: msgspec.Struct) -> dict[str, Any]:
-        if not self.spec.injections:
-            return {}
         models = self._deps.models
         if models is None:
             raise GenWorkerError(
                 f"function '{self.spec.name}' needs models but none are configured"
             )
-        settings = self._deps.settings
-        with self._phase("model_resolve", settings.warn_model_resolve_s):
-            ids = {
-                i.param: await models.resolve(self.spec, i, payload) for i in self.spec.injections
-            }
-        self._cache_states = {m: _cache_state(models, m) for m in ids.values()}
+        self._holds_models = True
         start = time.monotonic()
-        with self._phase(
-            "model_load", settings.warn_model_load_s, {"models": sorted(ids.values())}
-        ):
-            loaded = {
-                i.param: await models.load(ids[i.param], i, self._deps.device)
-                for i in self.spec.injections
-            }
+        loaded = await load_models(
+            models, self.spec, payload, holder=self, device=self._deps.device,
+            resolved=self.meta.resolved_models, channel=self.channel, watch=self._deps.watch,
+            settings=self._deps.settings,
+        )  # fmt: skip
         self._metric("metrics.gpu_load", "model_load_ms", start)
-        self._models = ids
-        return loaded
+        self._models = loaded.ids
+        self._cache_states = loaded.cache_states
+        return loaded.kwargs
 
     async def _infer(
         self, ctx: RequestContext, payload: msgspec.Struct, kwargs: dict[str, Any]
@@ -319,7 +318,9 @@ class RequestRun:
         watch.start(self, warn_s, self._inference_stuck)
         call = self._call
         try:
-            if call is None:
+            if kwargs:
+                output = await self._infer_with_models(ctx, payload, kwargs)
+            elif call is None:
                 kwargs[self.spec.payload_param] = payload
                 output = await self.spec.func(ctx, **kwargs)
             else:
@@ -339,6 +340,27 @@ class RequestRun:
             (("request.inference.completed", {"ms": ms}), ("metrics.inference", {"ms": ms}))
         )
         return output
+
+    async def _infer_with_models(
+        self, ctx: RequestContext, payload: msgspec.Struct, kwargs: dict[str, Any]
+    ) -> Any:
+        """The call with injected models: ladder events reach this request, and a
+        single-output call that runs out of GPU memory is retried a step down the ladder."""
+        call = self._call
+        spec = self.spec
+        sink = self.channel.hook
+
+        async def once() -> Any:
+            if call is not None:
+                return await call.run(ctx, payload, kwargs, event_sink=sink)
+            with use_event_sink(sink):
+                return await spec.func(ctx, **{spec.payload_param: payload, **kwargs})
+
+        if spec.is_streaming or self._deps.models is None:
+            return await once()  # deltas already sent cannot be taken back: no retry
+        return await call_with_oom_retry(
+            once, models=self._deps.models, loaded=kwargs, emit=sink, function_name=spec.name
+        )
 
     def _inference_stuck(self, elapsed_s: float) -> None:
         self.channel.emit("request.inference.stuck", {"elapsed_s": round(elapsed_s, 3)})
@@ -395,6 +417,7 @@ class RequestRun:
 
     _sink_cache: OutputSink | None = None
     _fetched_inputs = False
+    _holds_models = False
     _models: dict[str, str] | None = None
     _cache_states: dict[str, str | None] | None = None
 
@@ -402,9 +425,6 @@ class RequestRun:
         if self._sink_cache is None and self._deps.outputs is not None:
             self._sink_cache = self._deps.outputs(self.meta)
         return self._sink_cache
-
-    def _phase(self, name: str, warn_s: float, detail: dict[str, Any] | None = None) -> _Phase:
-        return _Phase(self.channel, self._deps.watch, name, warn_s, detail or {})
 
     def _metric(self, event_type: str, timing_key: str, start: float) -> None:
         ms = (time.monotonic() - start) * 1000
@@ -449,7 +469,7 @@ class RequestRun:
         states = [s for s in (self._cache_states or {}).values() if s is not None]
         if states:
             # The request was as cold as its coldest model.
-            payload["cache_state"] = max(states, key=_CACHE_ORDER.index)
+            payload["cache_state"] = max(states, key=CACHE_ORDER.index)
             payload["model_cache_states"] = dict(self._cache_states or {})
         return payload
 
@@ -464,6 +484,9 @@ class RequestRun:
             self._call.when_stopped(self._release)
 
     def _release(self) -> None:
+        if self._holds_models:
+            self._holds_models = False
+            release_models(self._deps.models, self)
         if self._holds_slot:
             self._holds_slot = False
             self._deps.slots.release()
@@ -504,61 +527,6 @@ class _LazySink:
 
     def save_checkpoint_bytes(self, ref: str, data: bytes, format: str) -> Tensors:
         return self._get().save_checkpoint_bytes(ref, data, format)
-
-
-class _Phase:
-    """``request.<name>.started/completed/failed`` plus a one-shot ``stuck`` warning."""
-
-    __slots__ = ("_channel", "_detail", "_names", "_start", "_warn_s", "_watch")
-
-    def __init__(
-        self,
-        channel: OutcomeChannel,
-        watch: StuckWatch,
-        name: str,
-        warn_s: float,
-        detail: dict[str, Any],
-    ) -> None:
-        self._channel = channel
-        self._watch = watch
-        self._names = _PHASE_EVENTS[name]
-        self._warn_s = warn_s
-        self._detail = detail
-        self._start = 0.0
-
-    def __enter__(self) -> None:
-        self._start = time.monotonic()
-        self._channel.emit(self._names[0], self._detail)
-        self._watch.start(self, self._warn_s, self._stuck)
-
-    def _stuck(self, elapsed_s: float) -> None:
-        self._channel.emit(self._names[3], {"elapsed_s": round(elapsed_s, 3)})
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
-    ) -> None:
-        self._watch.stop(self, self._warn_s)
-        ms = round((time.monotonic() - self._start) * 1000, 3)
-        if exc is None:
-            self._channel.emit(self._names[1], {"ms": ms})
-        elif not isinstance(exc, asyncio.CancelledError):
-            self._channel.emit(self._names[2], {"ms": ms, "error": type(exc).__name__})
-
-
-#: Event types per phase, built once: (started, completed, failed, stuck).
-_PHASE_EVENTS = {
-    name: tuple(f"request.{name}.{what}" for what in ("started", "completed", "failed", "stuck"))
-    for name in ("model_resolve", "model_load", "inference")
-}
-
-_CACHE_ORDER = ["hot_vram", "warm_disk", "cold_remote"]
-
-
-def _cache_state(models: ModelProvider, model_id: str) -> str | None:
-    """Where the model was when asked for, if the provider knows (``hot_vram`` ...)."""
-    probe = getattr(models, "cache_state", None)
-    state = probe(model_id) if callable(probe) else None
-    return state if state in _CACHE_ORDER else None
 
 
 def _persist_output_assets(output: Any, sink: OutputSink) -> None:

@@ -148,12 +148,18 @@ class ModelSource:
         attributes: Mapping[str, AttributeValues] | None = None,
         token: str | None = None,
         on_progress: ProgressSink | None = None,
+        on_event: EventSink | None = None,
     ) -> Path:
-        """The snapshot directory of ``ref``, downloading what the store lacks."""
+        """The snapshot directory of ``ref``, downloading what the store lacks.
+
+        ``on_event`` receives this pull's ``model.download.*`` events (a request's own events,
+        when a request triggered it) instead of the source's sink.
+        """
         parsed, _changed = normalize_ref(ref)
+        events = on_event if on_event is not None else self._on_event
         if isinstance(parsed, HfRef):
-            return await self._pull_hf(parsed, on_progress)
-        return await self._pull_cozy(parsed, attributes, token, on_progress)
+            return await self._pull_hf(parsed, on_progress, events)
+        return await self._pull_cozy(parsed, attributes, token, on_progress, events)
 
     async def prefetch(self, items: Sequence[PrefetchItem]) -> list[PrefetchResult]:
         """Pull each item (a few at once); one failure does not stop the others."""
@@ -185,6 +191,7 @@ class ModelSource:
         attributes: Mapping[str, AttributeValues] | None,
         token: str | None,
         on_progress: ProgressSink | None,
+        on_event: EventSink | None,
     ) -> Path:
         key = ref.canonical
         if ref.digest is not None and self.store.has_snapshot(f"blake3:{ref.digest}"):
@@ -214,13 +221,15 @@ class ModelSource:
             manifest,
             ref=key,
             refresh=refresh,
-            on_event=self._on_event,
+            on_event=on_event,
             on_progress=on_progress,
         )
 
     # -- hugging face refs ------------------------------------------------------------------
 
-    async def _pull_hf(self, ref: HfRef, on_progress: ProgressSink | None) -> Path:
+    async def _pull_hf(
+        self, ref: HfRef, on_progress: ProgressSink | None, on_event: EventSink | None
+    ) -> Path:
         from gen_worker.models.hf import hf_auth_headers, plan_hf_snapshot  # noqa: PLC0415
 
         known = self.store.get_ref(ref.canonical) if ref.revision is not None else None
@@ -238,7 +247,7 @@ class ModelSource:
             list(plan.entries),
             ref=plan.ref,
             headers=hf_auth_headers(self._hf_token),
-            on_event=self._on_event,
+            on_event=on_event,
             on_progress=on_progress,
         )
         if ref.canonical != plan.ref:  # e.g. hf:o/r (whatever main is) -> this snapshot

@@ -6,7 +6,7 @@ import importlib.metadata
 import os
 import platform
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ __all__ = [
     "host_info",
     "model_unsupported",
     "outcome_message",
+    "registration",
 ]
 
 _encode = msgspec.json.Encoder().encode
@@ -231,6 +232,33 @@ def host_info(image_digest: str, git_commit: str, build_time: str) -> m.HostInfo
         build_time=build_time,
         python_version=platform.python_version(),
         hostname=socket.gethostname(),
+    )
+
+
+def registration(
+    identity: Any,
+    lock: EndpointLock,
+    slots: Any,
+    *,
+    draining: bool,
+    assignments: Iterable[tuple[str, int, int]],
+    models: m.ModelInventory | None,
+) -> m.WorkerRegistration:
+    """The registration: who this worker is, what it runs, what it holds, what it was doing."""
+    return m.WorkerRegistration(
+        worker_id=identity.worker_id,
+        release_id=identity.release_id,
+        endpoint_name=lock.endpoint_name,
+        functions=function_infos(lock, slots.limit),
+        max_concurrency=slots.limit,
+        host=host_info(identity.image_digest, identity.git_commit, identity.build_time),
+        models=models or m.ModelInventory(),
+        gpu_busy=slots.in_use > 0,
+        draining=draining,
+        assignments=[
+            m.Assignment(request_id=rid, attempt_epoch=att, sent_count=seq + 1)
+            for rid, att, seq in assignments
+        ],
     )
 
 

@@ -17,13 +17,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gen_worker.config import ModelSettings
-from gen_worker.errors import GenWorkerError
+from gen_worker.errors import GenWorkerError, ModelInUseError
+from gen_worker.logs import log
 from gen_worker.models.manifest import ManifestEntry, SnapshotManifest
+from gen_worker.models.store import Store
 from gen_worker.protocol import messages as m
 
 if TYPE_CHECKING:
     # Imported when first needed: the download stack (httpx) costs startup time, and a worker
     # whose endpoint config lists no models never uses it.
+    from gen_worker.injection import CachedModels
     from gen_worker.models.source import ModelSource
 
 __all__ = ["WorkerModels", "availability_changes", "manifest_of"]
@@ -61,6 +64,10 @@ class WorkerModels:
         self._source = source
         self._limit = asyncio.Semaphore(max(1, settings.max_concurrent_downloads))
         self.downloading: set[str] = set()
+        #: The engine's model provider (the model cache): what is hot and loading, and the
+        #: scheduler's load and unload commands. None when no function injects a model.
+        self.provider: CachedModels | None = None
+        self._bare_store: Store | None = None
 
     @property
     def source(self) -> ModelSource:
@@ -74,14 +81,69 @@ class WorkerModels:
         if self._source is not None:
             await self._source.aclose()
 
+    def _store(self) -> Store:
+        # The source's store once it exists; before that a store of its own, so that the
+        # registration can list warm models without importing the download stack.
+        if self._source is not None:
+            return self._source.store
+        if self._bare_store is None:
+            self._bare_store = Store(self.settings.store_root)
+        return self._bare_store
+
     def warm(self) -> list[str]:
         """Refs (or digests) of the complete snapshots in the store."""
-        store = self.source.store
+        store = self._store()
         names = {digest: ref for ref, digest in sorted(store.refs().items())}
         return sorted(names.get(info.digest, info.digest) for info in store.inventory())
 
+    def inventory(self) -> m.ModelInventory:
+        """Hot (in memory), warm (on disk), downloading and loading models, by ref."""
+        held = self.provider.inventory() if self.provider is not None else {}
+        hot = set(held.get("hot", []))
+        warm = set(held.get("warm", []))
+        try:
+            warm.update(self.warm())
+        except OSError as exc:  # a report: never let it fail the heartbeat
+            log("warning", "model inventory unavailable", error=type(exc).__name__)
+        return m.ModelInventory(
+            hot=sorted(hot),
+            warm=sorted(warm - hot),
+            downloading=sorted(self.downloading | set(held.get("downloading", []))),
+            loading=sorted(held.get("loading", [])),
+        )
+
+    async def command(self, message: m.LoadModel | m.UnloadModel, emit: Emit) -> Any:
+        """Carry out the scheduler's load or unload command; the result message to send."""
+        ref = message.model_id
+        loading = isinstance(message, m.LoadModel)
+        kind = m.LoadModelResult if loading else m.UnloadModelResult
+        prefix = "model.load" if loading else "model.unload"
+        if self.provider is None:
+            text = "this worker's functions inject no models: there is nothing to load or unload"
+            emit(f"{prefix}.failed", {"model_id": ref, "reason": "no_models"})
+            return kind(model_id=ref, ok=False, reason="no_models", error_message=text)
+        started = time.monotonic()
+        emit(f"{prefix}.started", {"model_id": ref})
+        try:
+            if loading:
+                await self.provider.load_model(ref)
+            else:
+                self.provider.unload_model(ref)
+        except GenWorkerError as exc:
+            reason = "in_use" if isinstance(exc, ModelInUseError) else exc.error_type
+            emit(f"{prefix}.failed", {"model_id": ref, "reason": reason, "error_message": str(exc)})
+            return kind(model_id=ref, ok=False, reason=reason, error_message=str(exc))
+        except Exception as exc:  # a loader's bug must not take the worker down
+            emit(f"{prefix}.failed", {"model_id": ref, "reason": "internal"})
+            return kind(model_id=ref, ok=False, reason="internal", error_message=type(exc).__name__)
+        ms = round((time.monotonic() - started) * 1000, 1)
+        emit(f"{prefix}.completed", {"model_id": ref, "duration_ms": ms})
+        return kind(model_id=ref, ok=True)
+
     async def prefetch(self, config: m.EndpointConfig, emit: Emit) -> None:
         """Fetch every model of ``config``; report each outcome, then the inventory."""
+        if self.provider is not None and config.keyspaces:
+            self.provider.set_keyspaces({f: k.models for f, k in config.keyspaces.items()})
         resolved = {r.ref: r for r in config.resolved_models if r.snapshot_digest}
         wanted = list(dict.fromkeys([*resolved, *config.required_models]))
         if not wanted:

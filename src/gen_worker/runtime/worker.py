@@ -29,10 +29,9 @@ from gen_worker.runtime.core import WorkerCore
 from gen_worker.runtime.link import CLOSE, Link, closed_event
 from gen_worker.runtime.messages import (
     OutcomeEncoder,
-    function_infos,
-    host_info,
     model_unsupported,
     outcome_message,
+    registration,
 )
 from gen_worker.runtime.models import WorkerModels, availability_changes
 from gen_worker.transport.stream import StreamClosed, WorkerStream, connect
@@ -345,8 +344,8 @@ class Worker:
                 self._on_endpoint_config(message)
             case m.RuntimeBatchingConfig(function_name=name, preferred_batch_size=size):
                 self._on_batching(name, size)
-            case m.LoadModel(model_id=model) | m.UnloadModel(model_id=model):
-                self._write(model_unsupported(message, model))
+            case m.LoadModel() | m.UnloadModel():
+                self._spawn(self._answer_model_command(message))
             case m.SchedulerEvent(event_type="jwt.rotated", jwt=token) if token:
                 self._spawn(self._rotate_token(token))
             case _:
@@ -360,6 +359,14 @@ class Worker:
                 self.handle(ct.JobReceived(item.request_id, item.attempt_epoch, item))
             return
         self.handle(ct.JobReceived(batch.batch_id, 0, plan))
+
+    async def _answer_model_command(self, message: m.LoadModel | m.UnloadModel) -> None:
+        """Load or unload a model in the model cache (refused while a request uses it)."""
+        models = self.models
+        if models is None:
+            self._write(model_unsupported(message, message.model_id))
+        else:
+            self._write(await models.command(message, self.worker_event))
 
     def _on_endpoint_config(self, config: m.EndpointConfig) -> None:
         """Prefetch the models in the background; disabled functions refuse requests."""
@@ -425,6 +432,7 @@ class Worker:
             item_index=job.item_index if job.item_id else None,
             timeout_ms=job.timeout_ms or None, required_models=tuple(job.required_models),
             codec=Codec.MSGPACK, file_base_url=job.file_base_url or None,
+            resolved_models={r.ref: r for r in job.resolved_models},
             file_token=job.file_token or None,
         )  # fmt: skip
         inline = self._inline_ok and self._inline is None
@@ -518,26 +526,17 @@ class Worker:
     # -- registration and heartbeats ------------------------------------------------------------
 
     def _registration(self, assignments: tuple[ct.Assignment, ...]) -> m.WorkerRegistration:
-        identity = self.identity
-        lock = self.endpoint.lock
-        return m.WorkerRegistration(
-            worker_id=identity.worker_id, release_id=identity.release_id,
-            endpoint_name=lock.endpoint_name,
-            functions=function_infos(lock, self.engine.slots.limit),
-            max_concurrency=self.engine.slots.limit,
-            host=host_info(identity.image_digest, identity.git_commit, identity.build_time),
-            gpu_busy=self.engine.slots.in_use > 0, draining=self.core.draining,
-            assignments=[
-                m.Assignment(request_id=rid, attempt_epoch=att, sent_count=seq + 1)
-                for rid, att, seq in assignments
-            ],
-        )  # fmt: skip
+        return registration(self.identity, self.endpoint.lock, self.engine.slots,
+                            draining=self.core.draining, assignments=assignments,
+                            models=self.models.inventory() if self.models else None)  # fmt: skip
 
     def _heartbeat_message(self) -> m.Heartbeat:
         slots = self.engine.slots
         active = [m.Assignment(request_id=rid, attempt_epoch=att) for rid, att in self.core.active]
-        return m.Heartbeat(running=slots.in_use, waiting=slots.waiting, gpu_busy=slots.in_use > 0,
-                           draining=self.core.draining, assignments=active)  # fmt: skip
+        models = self.models.inventory() if self.models else m.ModelInventory()
+        return m.Heartbeat(running=slots.in_use, waiting=slots.waiting,
+                           gpu_busy=slots.in_use > 0, draining=self.core.draining,
+                           assignments=active, models=models)  # fmt: skip
 
     def _start_heartbeat(self, interval_s: float) -> None:
         self._stop_heartbeat()

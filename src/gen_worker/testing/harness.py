@@ -24,6 +24,7 @@ from gen_worker.engine import (
     Delta,
     Engine,
     Failure,
+    LoadRequest,
     Log,
     Outcome,
     Progress,
@@ -124,8 +125,8 @@ class _ModelsByParameter:
             )
         return injection.param
 
-    async def load(self, model_id: str, injection: InjectionSpec, device: str) -> Any:
-        return self._objects[model_id]
+    async def load(self, request: LoadRequest) -> Any:
+        return self._objects[request.model_id]
 
 
 async def arun_function(

@@ -35,9 +35,10 @@ from gen_worker.config import (
 from gen_worker.devserver import DevRunner
 from gen_worker.devserver.model_routes import ModelRoutes
 from gen_worker.discovery.endpoint import LoadedEndpoint, load_from_lock, load_from_project
-from gen_worker.engine import DEFAULT_CANCEL_GRACE_S, Engine, LocalModels, resolve_concurrency
+from gen_worker.engine import DEFAULT_CANCEL_GRACE_S, Engine, resolve_concurrency
 from gen_worker.errors import GenWorkerError
 from gen_worker.files import AssetFetcher, LocalOutputSink
+from gen_worker.injection import build_cached_models, detect_device
 from gen_worker.logs import log
 from gen_worker.models.source import ModelSource, build_model_source
 
@@ -146,11 +147,19 @@ def build_runner(
     declared = {k: m.ref for k, m in lock.models.items()}
     folders = dict(model_dirs or {})
     folders.update({declared[k]: v for k, v in (model_dirs or {}).items() if k in declared})
-    models = LocalModels(
-        declared,
-        {fn: {k: m.ref for k, m in keys.items()} for fn, keys in lock.models_by_function.items()},
-        folders,
-    )
+    routes = ModelRoutes(_model_source(model_settings))
+    injects = any(spec.injections for spec in endpoint.functions)
+
+    def on_event(event_type: str, payload: dict[str, Any]) -> None:
+        log("info", event_type, **payload)
+
+    # The same store and downloads as the model routes; the hub is always asked in local dev.
+    models = build_cached_models(
+        lock, endpoint.functions, settings=model_settings, source=lambda: routes.source,
+        allow_hub=True, device=detect_device() if injects else "cpu", folders=folders,
+        on_event=on_event,
+    )  # fmt: skip
+    routes.provider = models
     outputs.mkdir(parents=True, exist_ok=True)
     upload_limit = settings.max_upload_bytes
     engine = Engine(
@@ -160,6 +169,7 @@ def build_runner(
         max_waiting=max_queue,
         cancel_grace_s=cancel_grace_s,
         models=models,
+        device=models.device,
         outputs=lambda meta: LocalOutputSink(
             outputs, meta.request_id, max_upload_bytes=upload_limit
         ),
@@ -167,7 +177,7 @@ def build_runner(
         assets=AssetFetcher(outputs / ".inputs", max_bytes=settings.max_input_file_bytes,
                             allow_private_hosts=True, local_refs_root=outputs),
     )  # fmt: skip
-    return DevRunner(engine, lock, models=ModelRoutes(_model_source(model_settings)))
+    return DevRunner(engine, lock, models=routes)
 
 
 def _model_source(settings: ModelSettings) -> Callable[[ModelRoutes], ModelSource]:
