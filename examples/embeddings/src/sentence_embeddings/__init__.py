@@ -1,0 +1,1 @@
+"""A gen-worker example endpoint: sentence embeddings from a real model."""
