@@ -242,3 +242,72 @@ def test_one_snapshot_loads_as_a_tokenizer_and_as_a_model(
 
     with HubServer(tmp_path / "hub") as hub:
         asyncio.run(scenario(hub))
+
+
+def test_dtype_from_attributes_variant_files_and_object_annotations(
+    tmp_path: Path, tiny_sd_dir: Path
+) -> None:
+    """The loader reads the precision from the model's attributes, finds variant-only weight
+    files, and lets the files decide for an ``object`` parameter."""
+    import torch
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    from gen_worker.injection import load_snapshot
+
+    fp16 = load_snapshot(
+        tiny_sd_dir,
+        StableDiffusionPipeline,
+        model_id="acme/tiny-sd:v1",
+        device="cpu",
+        attributes={"dtype": ["fp16", "bf16"]},
+    )
+    assert fp16.kind == "diffusers" and fp16.exclusive
+    assert fp16.obj.unet.dtype == torch.float16
+    assert fp16.placement is not None and fp16.placement["stage"] == "baseline"
+
+    # A snapshot published with fp16 variant files only: diffusers must be told the variant.
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd_dir)
+    variant_dir = tmp_path / "variant"
+    pipe.save_pretrained(variant_dir, safe_serialization=True, variant="fp16")
+    assert all(".fp16." in p.name for p in variant_dir.rglob("*.safetensors"))
+    auto = load_snapshot(variant_dir, object, model_id="acme/v:1", device="cpu")
+    assert isinstance(auto.obj, StableDiffusionPipeline) and auto.size_bytes > 0
+    # The size counts every weight once (the pipeline's modules, not the files on disk).
+    weights = sum(
+        t.numel() * t.element_size()
+        for c in auto.obj.components.values()
+        if isinstance(c, torch.nn.Module)
+        for t in [*c.parameters(), *c.buffers()]
+    )
+    assert auto.size_bytes == weights
+
+
+def test_concurrent_requests_share_one_pipeline_safely(tmp_path: Path, tiny_sd_dir: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    publish(tmp_path / "hub", REF, tiny_sd_dir)
+    with HubServer(tmp_path / "hub") as hub:
+        settings = ModelSettings(tensorhub_url=hub.url, cache_dir=str(tmp_path / "cache"))
+        with (
+            serve(tmp_path / "out", project=PROJECT, model_settings=settings) as served,
+            httpx.Client(base_url=served.base_url, timeout=90) as client,
+            ThreadPoolExecutor(4) as pool,
+        ):
+            answers = list(
+                pool.map(
+                    lambda i: client.post(
+                        "/v1/request/generate", json={"model": "tiny", "prompt": f"p{i}"}
+                    ),
+                    range(4),
+                )
+            )
+            assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+            loads = [
+                e
+                for a in answers
+                for e in a.json()["events"]
+                if e["type"] == "model.download.started"
+            ]
+            assert len(loads) == 1  # four requests, one download, one load
+            status = client.get("/v1/models/status").json()
+            assert status["hot"] == [REF] and status["cache"]["in_use"] == {}

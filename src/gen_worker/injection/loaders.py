@@ -240,7 +240,10 @@ def _load_diffusers(
     kwargs: dict[str, Any] = {}
     dtype = torch_dtype(attributes)
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        # Newer diffusers name it ``dtype`` and warn about ``torch_dtype``; older ones know only
+        # ``torch_dtype``. The helper that accepts both marks the newer API.
+        utils = importlib.import_module("diffusers.pipelines.pipeline_utils")
+        kwargs["dtype" if hasattr(utils, "_resolve_dtype") else "torch_dtype"] = dtype
     variant = detect_variant(snapshot)
     if variant is not None:
         kwargs["variant"] = variant

@@ -106,7 +106,9 @@ class SnapshotFinder:
             return await source.fetcher.fetch(
                 manifest, ref=ref, on_event=emit, on_progress=on_progress
             )
-        if self.allow_hub and source.hub is not None:
+        if self.allow_hub and (source.hub is not None or ref.startswith("hf:")):
+            # Hugging Face refs need no hub of ours: the source lists them with
+            # huggingface_hub (HF_ENDPOINT) and downloads them into the same store.
             return await source.pull(
                 ref,
                 attributes=self.attributes.get(ref) or None,
