@@ -287,3 +287,45 @@ async def test_a_worker_uses_the_schedulers_resolution_and_never_asks_the_hub_it
     assert [t for t, _ in holder.events] == ["model.download.started", "model.download.completed"]
     models.release(holder)
     await models.aclose()
+
+
+@worker_function()
+def broken(
+    ctx: RequestContext,
+    weights: Annotated[Broken, ModelRef(ModelRefSource.FIXED, "m")],
+    payload: Input,
+) -> Input:
+    return payload
+
+
+@synchronously
+async def test_a_failed_load_fails_the_request_with_the_ref_and_loader_in_its_event(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    from gen_worker.engine import Engine, Event, Failure, RequestMeta
+
+    models, _ = provider(hub, tmp_path)
+    spec = get_function_spec(broken)
+    engine = Engine([spec], models=models)
+    try:
+        outcomes = [
+            o async for o in engine.run(spec, b'{"model": "a"}', RequestMeta(request_id="r1"))
+        ]
+    finally:
+        await engine.shutdown(grace_s=1)
+        await models.aclose()
+    failure = outcomes[-1]
+    assert isinstance(failure, Failure)
+    assert (failure.error_type, failure.retryable) == ("fatal", False)
+    assert failure.safe_message.startswith(
+        "could not load acme/alpha:v1 with from_pretrained:Broken.from_pretrained: "
+        "OSError: no weights.bin in "
+    )
+    (failed,) = [
+        o.payload
+        for o in outcomes
+        if isinstance(o, Event) and o.event_type == "request.model_load.failed"
+    ]
+    assert failed["error"] == "ModelLoadError"
+    assert failed["ref"] == "acme/alpha:v1"
+    assert failed["loader"] == "from_pretrained:Broken.from_pretrained"
