@@ -329,3 +329,24 @@ async def test_a_failed_load_fails_the_request_with_the_ref_and_loader_in_its_ev
     assert failed["error"] == "ModelLoadError"
     assert failed["ref"] == "acme/alpha:v1"
     assert failed["loader"] == "from_pretrained:Broken.from_pretrained"
+
+
+@synchronously
+async def test_an_unloaded_model_is_freed_while_the_loop_runs_on(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    """Nothing of ours keeps a model alive once the cache lets go of it (an asyncio future's
+    result once did, until the event loop ended: GPU memory that eviction could not free)."""
+    import gc
+    import weakref
+
+    models, _ = provider(hub, tmp_path)
+    holder = Holder("r1")
+    obj = await models.load(Load("acme/alpha:v1", injection(Weights), "cpu", holder))
+    alive = weakref.ref(obj)
+    del obj
+    models.release(holder)
+    assert models.unload_model("acme/alpha:v1") is True
+    gc.collect()
+    assert alive() is None
+    await models.aclose()

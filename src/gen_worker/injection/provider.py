@@ -224,15 +224,24 @@ class CachedModels:
             cache.mark_cached_to_disk(ref, str(snapshot), _tree_gb(snapshot))
             if device.startswith("cuda"):
                 cache.make_room(_tree_gb(snapshot))  # evict idle models before loading
-            loaded = await asyncio.to_thread(
-                load_snapshot,
-                snapshot,
-                target,
-                model_id=ref,
-                device=device,
-                attributes=self.finder.attributes.get(ref),
-                emit=emit,
+            # The model comes back in a box emptied at once: an asyncio future keeps its
+            # result alive as long as the loop holds the future (seen: until the run ends), and
+            # an evicted model must free its memory when the cache lets go of it.
+            box: list[Loaded] = []
+            attributes = self.finder.attributes.get(ref)
+            await asyncio.to_thread(
+                lambda: box.append(
+                    load_snapshot(
+                        snapshot,
+                        target,
+                        model_id=ref,
+                        device=device,
+                        attributes=attributes,
+                        emit=emit,
+                    )
+                )
             )
+            loaded = box.pop()
         except BaseException:
             cache.clear_loading(key)
             cache.clear_downloading(ref)
