@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,13 +63,15 @@ def ref_of_key(key: str) -> str:
     return key.split("::", 1)[0]
 
 
-@dataclass
 class _Hold:
-    """What one request holds: pinned cache keys, per-model locks, store leases."""
+    """What one request holds: pinned cache keys, per-model locks, store leases (rare)."""
 
-    pins: list[str] = field(default_factory=list)
-    locks: list[asyncio.Lock] = field(default_factory=list)
-    leases: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    __slots__ = ("leases", "locks", "pins")
+
+    def __init__(self) -> None:
+        self.pins: list[str] = []
+        self.locks: list[asyncio.Lock] = []
+        self.leases: contextlib.ExitStack | None = None
 
 
 class CachedModels:
@@ -193,6 +194,8 @@ class CachedModels:
             and source.store.snapshot_path(digest) == path
         ):
             # Disk eviction must not remove the files under a running function.
+            if hold.leases is None:
+                hold.leases = contextlib.ExitStack()
             hold.leases.enter_context(source.store.lease(digest))
         return str(path) if target is str else path
 
@@ -274,7 +277,7 @@ class CachedModels:
     async def lock(self, holder: object, model_ids: Sequence[str]) -> None:
         """Take the use locks of the stateful models ``holder`` pinned, in sorted order."""
         hold = self._holds.get(id(holder))
-        if hold is None:
+        if hold is None or not self._exclusive:
             return
         for key in sorted({k for k in hold.pins if k in self._exclusive}):
             use = self._use_locks.setdefault(key, asyncio.Lock())
@@ -286,12 +289,14 @@ class CachedModels:
         hold = self._holds.pop(id(holder), None)
         if hold is None:
             return
+        release = self.cache.release
         for key in hold.pins:
-            with contextlib.suppress(ValueError, KeyError):
-                self.cache.release(key)
+            with contextlib.suppress(ValueError, KeyError):  # unloaded meanwhile: nothing held
+                release(key)
         for use in hold.locks:
             use.release()
-        hold.leases.close()
+        if hold.leases is not None:
+            hold.leases.close()
 
     async def escalate(self, obj: Any, emit: Emit) -> bool:
         """One low-VRAM step for an injected pipeline after an OOM; True if it changed."""
