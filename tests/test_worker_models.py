@@ -121,3 +121,65 @@ def test_a_real_worker_prefetches_what_the_endpoint_config_lists(tmp_path: Path)
                 assert kinds().index("model.download.started") < kinds().index("model.ready")
 
         run(scenario())
+
+
+def _expired(resolution: m.ResolvedModel) -> m.ResolvedModel:
+    """The same resolution with every URL's signature spoiled: the hub answers 403."""
+    files = [
+        m.ResolvedFile(f.path, f.size_bytes, f.blake3, f.url.replace("sig=", "sig=0"))
+        for f in resolution.files
+    ]
+    return m.ResolvedModel(resolution.ref, resolution.snapshot_digest, files)
+
+
+def test_expired_urls_are_refreshed_by_asking_the_scheduler(tmp_path: Path) -> None:
+    import msgspec
+    from test_worker_integration import PROJECT, Harness, run, until
+
+    from gen_worker.discovery import discover, encode_lock
+
+    _publish(tmp_path, "acme/a:latest", b"a" * 3000)
+    _publish(tmp_path, "acme/b:latest", b"b" * 2000)
+    with HubServer(tmp_path / "hub") as hub:
+        good = _resolution(hub, "acme/a:latest")
+        refused = _resolution(hub, "acme/b:latest")
+        assert "sig=" in good.files[0].url
+        lock = tmp_path / "endpoint.lock"
+        lock.write_bytes(encode_lock(discover(PROJECT, isolated=True).lock))
+        harness = Harness(tmp_path, lock)
+
+        async def scenario() -> None:
+            async with harness.serving() as s:
+
+                def asked() -> list[m.ModelUrlRefreshRequest]:
+                    return [x for x in s.conn.messages if isinstance(x, m.ModelUrlRefreshRequest)]
+
+                def events(kind: str) -> list[dict[str, object]]:
+                    return [
+                        msgspec.json.decode(e.payload_json)
+                        for e in s.conn.worker_events
+                        if e.event_type == kind
+                    ]
+
+                config = m.EndpointConfig(resolved_models=[_expired(good)])
+                assert await s.sched.send(config, s.conn.worker_id)
+                await until(lambda: len(asked()) == 1, 10, "a refresh request")
+                assert asked()[0].model_ref == "acme/a:latest"
+                assert await s.sched.send(m.ModelUrlRefreshResponse(model=good))
+                await until(lambda: bool(events("model.ready")), 10, "model.ready")
+                assert [r["model_id"] for r in events("model.ready")] == ["acme/a:latest"]
+                ready = events("model.ready")[0]
+                assert Path(str(ready["path"]), "weights.safetensors").read_bytes() == b"a" * 3000
+
+                # The scheduler may refuse: the download fails, saying why.
+                config = m.EndpointConfig(resolved_models=[_expired(refused)])
+                assert await s.sched.send(config, s.conn.worker_id)
+                await until(lambda: len(asked()) == 2, 10, "a second refresh request")
+                answer = m.ModelUrlRefreshResponse(error_message="release withdrawn")
+                assert await s.sched.send(answer)
+                await until(lambda: bool(events("model.download.failed")), 10, "the failure")
+                (failed,) = events("model.download.failed")
+                assert failed["model_id"] == "acme/b:latest"
+                assert "release withdrawn" in str(failed["error_message"])
+
+        run(scenario())

@@ -167,7 +167,7 @@ def _provider(
         return None
     from gen_worker.injection import build_cached_models, detect_device  # noqa: PLC0415
 
-    return build_cached_models(
+    provider = build_cached_models(
         endpoint.lock,
         endpoint.functions,
         settings=models.settings,
@@ -176,6 +176,8 @@ def _provider(
         device=detect_device(),
         on_event=emit,
     )
+    provider.finder.refresher = models.refresh  # expired URLs: ask the scheduler
+    return provider
 
 
 class _Relay:

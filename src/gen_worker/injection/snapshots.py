@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ class SnapshotFinder:
         self.folders = dict(folders or {})
         self.allow_hub = allow_hub
         self.attributes = {ref: dict(a) for ref, a in (attributes or {}).items()}
+        #: Fresh URLs for a scheduler-resolved snapshot whose signed URLs expired (the worker
+        #: asks the scheduler); None: such a download fails on its first 403.
+        self.refresher: Callable[[str], Awaitable[SnapshotManifest]] | None = None
 
     @property
     def source(self) -> ModelSource | None:
@@ -103,8 +107,13 @@ class SnapshotFinder:
             )
         manifest = manifest_from_resolution(resolution)
         if manifest is not None:
+            refresh = self.refresher
             return await source.fetcher.fetch(
-                manifest, ref=ref, on_event=emit, on_progress=on_progress
+                manifest,
+                ref=ref,
+                on_event=emit,
+                on_progress=on_progress,
+                refresh=functools.partial(refresh, ref) if refresh is not None else None,
             )
         if self.allow_hub and (source.hub is not None or ref.startswith("hf:")):
             # Hugging Face refs need no hub of ours: the source lists them with

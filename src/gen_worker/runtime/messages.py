@@ -21,6 +21,7 @@ __all__ = [
     "OutcomeEncoder",
     "failure_message",
     "function_infos",
+    "heartbeat",
     "host_info",
     "model_unsupported",
     "outcome_message",
@@ -259,6 +260,20 @@ def registration(
             m.Assignment(request_id=rid, attempt_epoch=att, sent_count=seq + 1)
             for rid, att, seq in assignments
         ],
+    )
+
+
+def heartbeat(
+    slots: Any, active: list[m.Assignment], *, draining: bool, models: m.ModelInventory | None
+) -> m.Heartbeat:
+    """A heartbeat: load (running, waiting), what runs here, and the models held."""
+    return m.Heartbeat(
+        running=slots.in_use,
+        waiting=slots.waiting,
+        gpu_busy=slots.in_use > 0,
+        draining=draining,
+        assignments=active,
+        models=models or m.ModelInventory(),
     )
 
 

@@ -12,12 +12,13 @@ Nothing here can fail a request or the worker: failures become events.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gen_worker.config import ModelSettings
-from gen_worker.errors import GenWorkerError, ModelInUseError
+from gen_worker.errors import DownloadError, GenWorkerError, ModelInUseError
 from gen_worker.logs import log
 from gen_worker.models.manifest import ManifestEntry, SnapshotManifest
 from gen_worker.models.store import Store
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 __all__ = ["WorkerModels", "availability_changes", "manifest_of"]
 
 Emit = Callable[[str, dict[str, Any]], None]
+
+#: How long a download waits for the scheduler's fresh URLs before it fails (retryable).
+REFRESH_TIMEOUT_S = 30.0
 
 
 def availability_changes(
@@ -68,6 +72,9 @@ class WorkerModels:
         #: scheduler's load and unload commands. None when no function injects a model.
         self.provider: CachedModels | None = None
         self._bare_store: Store | None = None
+        #: Writes a message to the scheduler (set by the worker); URL refreshes go through it.
+        self.send: Callable[[Any], None] | None = None
+        self._refreshes: dict[str, list[asyncio.Future[m.ResolvedModel]]] = {}
 
     @property
     def source(self) -> ModelSource:
@@ -111,6 +118,50 @@ class WorkerModels:
             downloading=sorted(self.downloading | set(held.get("downloading", []))),
             loading=sorted(held.get("loading", [])),
         )
+
+    async def refresh(self, ref: str) -> SnapshotManifest:
+        """Fresh URLs for ``ref``'s snapshot from the scheduler (its signed URLs expired: a
+        download got 403). Concurrent refreshes of one ref share the answer."""
+        send = self.send
+        if send is None:
+            raise DownloadError(f"{ref}: a download URL expired and no scheduler is connected")
+        future: asyncio.Future[m.ResolvedModel] = asyncio.get_running_loop().create_future()
+        waiting = self._refreshes.setdefault(ref, [])
+        waiting.append(future)
+        if len(waiting) == 1:
+            send(m.ModelUrlRefreshRequest(model_ref=ref))
+        try:
+            resolved = await asyncio.wait_for(future, REFRESH_TIMEOUT_S)
+        except TimeoutError:
+            raise DownloadError(
+                f"{ref}: a download URL expired and the scheduler sent no fresh one within "
+                f"{REFRESH_TIMEOUT_S:g} s"
+            ) from None
+        finally:
+            if future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self._refreshes.pop(ref, None)
+        return manifest_of(resolved)
+
+    def on_refreshed(self, message: m.ModelUrlRefreshResponse) -> None:
+        """The scheduler's answer to a refresh: fresh URLs, or why there are none."""
+        model = message.model
+        if model is not None and model.ref in self._refreshes:
+            refs = [model.ref]
+        else:  # a refusal names no ref: it answers the oldest question
+            refs = list(self._refreshes)[:1]
+        for ref in refs:
+            for future in self._refreshes.pop(ref, []):
+                if future.done():
+                    continue
+                if model is not None and model.snapshot_digest:
+                    future.set_result(model)
+                else:
+                    reason = message.error_message or "no resolution"
+                    future.set_exception(
+                        DownloadError(f"{ref}: the scheduler could not refresh its URLs: {reason}")
+                    )
 
     async def command(self, message: m.LoadModel | m.UnloadModel, emit: Emit) -> Any:
         """Carry out the scheduler's load or unload command; the result message to send."""
@@ -163,7 +214,10 @@ class WorkerModels:
             try:
                 if resolution is not None:
                     path = await self.source.fetcher.fetch(
-                        manifest_of(resolution), ref=ref, on_event=emit
+                        manifest_of(resolution),
+                        ref=ref,
+                        on_event=emit,
+                        refresh=functools.partial(self.refresh, ref),
                     )
                 elif self.settings.allow_hub_resolve and self.source.hub is not None:
                     path = await self.source.pull(ref)

@@ -29,6 +29,7 @@ from gen_worker.runtime.core import WorkerCore
 from gen_worker.runtime.link import CLOSE, Link, closed_event
 from gen_worker.runtime.messages import (
     OutcomeEncoder,
+    heartbeat,
     model_unsupported,
     outcome_message,
     registration,
@@ -69,6 +70,8 @@ class Worker:
         models: WorkerModels | None = None,
     ) -> None:
         self.models = models  # prefetches the endpoint config's models (None: no store)
+        if models is not None:  # expired download URLs are refreshed by asking the scheduler
+            models.send = self._write
         #: Used when the scheduler's acknowledgement does not set an interval.
         self.heartbeat_interval_s = heartbeat_interval_s
         #: Checks a rotated token before it is used (JWKS verification when configured).
@@ -320,7 +323,7 @@ class Worker:
 
     # -- messages from the scheduler -----------------------------------------------------------
 
-    def _on_message(self, message: m.SchedulerMessage) -> None:  # noqa: C901  # one case per kind
+    def _on_message(self, message: m.SchedulerMessage) -> None:  # noqa: C901, PLR0912  # a case per kind
         match message:
             case m.RegistrationAck(heartbeat_interval_s=interval, resume=resume):
                 done = tuple((r.request_id, r.attempt_epoch, r.received_count - 1) for r in resume)
@@ -346,6 +349,8 @@ class Worker:
                 self._on_batching(name, size)
             case m.LoadModel() | m.UnloadModel():
                 self._spawn(self._answer_model_command(message))
+            case m.ModelUrlRefreshResponse() if self.models is not None:
+                self.models.on_refreshed(message)
             case m.SchedulerEvent(event_type="jwt.rotated", jwt=token) if token:
                 self._spawn(self._rotate_token(token))
             case _:
@@ -363,10 +368,8 @@ class Worker:
     async def _answer_model_command(self, message: m.LoadModel | m.UnloadModel) -> None:
         """Load or unload a model in the model cache (refused while a request uses it)."""
         models = self.models
-        if models is None:
-            self._write(model_unsupported(message, message.model_id))
-        else:
-            self._write(await models.command(message, self.worker_event))
+        answer = await models.command(message, self.worker_event) if models else None
+        self._write(answer or model_unsupported(message, message.model_id))
 
     def _on_endpoint_config(self, config: m.EndpointConfig) -> None:
         """Prefetch the models in the background; disabled functions refuse requests."""
@@ -533,10 +536,8 @@ class Worker:
     def _heartbeat_message(self) -> m.Heartbeat:
         slots = self.engine.slots
         active = [m.Assignment(request_id=rid, attempt_epoch=att) for rid, att in self.core.active]
-        models = self.models.inventory() if self.models else m.ModelInventory()
-        return m.Heartbeat(running=slots.in_use, waiting=slots.waiting,
-                           gpu_busy=slots.in_use > 0, draining=self.core.draining,
-                           assignments=active, models=models)  # fmt: skip
+        models = self.models.inventory() if self.models else None
+        return heartbeat(slots, active, draining=self.core.draining, models=models)
 
     def _start_heartbeat(self, interval_s: float) -> None:
         self._stop_heartbeat()
