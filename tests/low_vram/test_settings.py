@@ -81,24 +81,24 @@ def test_settings_are_read_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None
             "COZY_INFERENCE_VRAM_SAFETY_MARGIN_GB",
             "2GB",
             "COZY_INFERENCE_VRAM_SAFETY_MARGIN_GB: '2GB' is not a number; "
-            "use a size in GB >= 0, e.g. 8 or 7.5",
+            "use a number of GB >= 0, e.g. 20 or 3.5",
         ),
         (
             "COZY_INFERENCE_VAE_SLICE_VRAM_GB",
             "-1",
-            "COZY_INFERENCE_VAE_SLICE_VRAM_GB: '-1' is not valid; use a finite size in GB >= 0",
+            "COZY_INFERENCE_VAE_SLICE_VRAM_GB: '-1' is not valid; use a finite number of GB >= 0",
         ),
         (
             "COZY_INFERENCE_MODEL_OFFLOAD_VRAM_GB",
             "nan",
             "COZY_INFERENCE_MODEL_OFFLOAD_VRAM_GB: 'nan' is not valid; "
-            "use a finite size in GB >= 0",
+            "use a finite number of GB >= 0",
         ),
         (
             "COZY_INFERENCE_GROUP_OFFLOAD_VRAM_GB",
             "inf",
             "COZY_INFERENCE_GROUP_OFFLOAD_VRAM_GB: 'inf' is not valid; "
-            "use a finite size in GB >= 0",
+            "use a finite number of GB >= 0",
         ),
         (
             "COZY_INFERENCE_AUTO_DISK_OFFLOAD",
@@ -110,7 +110,7 @@ def test_settings_are_read_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None
             "COZY_INFERENCE_DISK_OFFLOAD_RAM_GB",
             "sixteen",
             "COZY_INFERENCE_DISK_OFFLOAD_RAM_GB: 'sixteen' is not a number; "
-            "use a size in GB >= 0, e.g. 8 or 7.5",
+            "use a number of GB >= 0, e.g. 20 or 3.5",
         ),
     ],
 )

@@ -18,9 +18,11 @@ __all__ = [
     "address",
     "addresses",
     "boolean",
+    "gigabytes",
     "non_negative_float",
     "non_negative_int",
     "positive_float",
+    "positive_gigabytes",
     "positive_int",
     "read",
     "string",
@@ -93,6 +95,30 @@ def non_negative_float(variable: str, text: str) -> float:
     if not value >= 0 or math.isinf(value):
         raise ConfigError(variable, f"{text!r} is not valid; use a finite number >= 0")
     return value
+
+
+def _gigabytes(variable: str, text: str, *, positive: bool) -> float:
+    bound = "> 0" if positive else ">= 0"
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ConfigError(
+            variable, f"{text!r} is not a number; use a number of GB {bound}, e.g. 20 or 3.5"
+        ) from None
+    too_small = value <= 0 if positive else value < 0
+    if not math.isfinite(value) or too_small:
+        raise ConfigError(variable, f"{text!r} is not valid; use a finite number of GB {bound}")
+    return value
+
+
+def gigabytes(variable: str, text: str) -> float:
+    """A size in GB >= 0 (a margin, a threshold)."""
+    return _gigabytes(variable, text, positive=False)
+
+
+def positive_gigabytes(variable: str, text: str) -> float:
+    """A size in GB > 0 (a budget)."""
+    return _gigabytes(variable, text, positive=True)
 
 
 def boolean(variable: str, text: str) -> bool:

@@ -6,14 +6,13 @@ tests that monkeypatch it, see the new values on the next call.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
 
-from gen_worker.config.parse import boolean, read, string
+from gen_worker.config.parse import boolean, gigabytes, read, string
 from gen_worker.errors import ConfigError
 
 __all__ = [
@@ -64,18 +63,6 @@ class LowVramSettings(msgspec.Struct, frozen=True, kw_only=True):
         return int(self.vram_safety_margin_gb * GIB)
 
 
-def _gigabytes(variable: str, text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ConfigError(
-            variable, f"{text!r} is not a number; use a size in GB >= 0, e.g. 8 or 7.5"
-        ) from None
-    if not value >= 0 or math.isinf(value):
-        raise ConfigError(variable, f"{text!r} is not valid; use a finite size in GB >= 0")
-    return value
-
-
 def _memory_mode(variable: str, text: str) -> str:
     mode = text.strip().lower()
     if mode != AUTO and mode not in _RANK:
@@ -92,12 +79,12 @@ def load_low_vram_settings(environ: Mapping[str, str] | None = None) -> LowVramS
     env = os.environ if environ is None else environ
     values = {
         "memory_mode": read(env, "COZY_INFERENCE_MEMORY_MODE", _memory_mode),
-        "vram_safety_margin_gb": read(env, "COZY_INFERENCE_VRAM_SAFETY_MARGIN_GB", _gigabytes),
-        "vae_slice_vram_gb": read(env, "COZY_INFERENCE_VAE_SLICE_VRAM_GB", _gigabytes),
-        "model_offload_vram_gb": read(env, "COZY_INFERENCE_MODEL_OFFLOAD_VRAM_GB", _gigabytes),
-        "group_offload_vram_gb": read(env, "COZY_INFERENCE_GROUP_OFFLOAD_VRAM_GB", _gigabytes),
+        "vram_safety_margin_gb": read(env, "COZY_INFERENCE_VRAM_SAFETY_MARGIN_GB", gigabytes),
+        "vae_slice_vram_gb": read(env, "COZY_INFERENCE_VAE_SLICE_VRAM_GB", gigabytes),
+        "model_offload_vram_gb": read(env, "COZY_INFERENCE_MODEL_OFFLOAD_VRAM_GB", gigabytes),
+        "group_offload_vram_gb": read(env, "COZY_INFERENCE_GROUP_OFFLOAD_VRAM_GB", gigabytes),
         "auto_disk_offload": read(env, "COZY_INFERENCE_AUTO_DISK_OFFLOAD", boolean),
-        "disk_offload_ram_gb": read(env, "COZY_INFERENCE_DISK_OFFLOAD_RAM_GB", _gigabytes),
+        "disk_offload_ram_gb": read(env, "COZY_INFERENCE_DISK_OFFLOAD_RAM_GB", gigabytes),
         "offload_dir": read(env, "COZY_OFFLOAD_DIR", _directory),
     }
     given = {k: v for k, v in values.items() if v is not None}

@@ -17,8 +17,7 @@ import math
 import threading
 from collections.abc import Callable, Mapping
 
-from gen_worker.config.parse import read
-from gen_worker.errors import ConfigError
+from gen_worker.config.parse import gigabytes, positive_gigabytes, read
 
 __all__ = [
     "BYTES_PER_GB",
@@ -63,28 +62,6 @@ def cuda_total_vram_bytes() -> int:
         return 0
 
 
-def _gigabytes(variable: str, text: str, *, minimum_exclusive: bool) -> float:
-    bound = "> 0" if minimum_exclusive else ">= 0"
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ConfigError(
-            variable, f"{text!r} is not a number; use a number of GB {bound}, e.g. 20 or 3.5"
-        ) from None
-    too_small = value <= 0 if minimum_exclusive else value < 0
-    if not math.isfinite(value) or too_small:
-        raise ConfigError(variable, f"{text!r} is not valid; use a finite number of GB {bound}")
-    return value
-
-
-def _max_vram(variable: str, text: str) -> float:
-    return _gigabytes(variable, text, minimum_exclusive=True)
-
-
-def _margin(variable: str, text: str) -> float:
-    return _gigabytes(variable, text, minimum_exclusive=False)
-
-
 def _positive_gb(value: float, what: str) -> int:
     size = gb_to_bytes(value, what)
     if size == 0:
@@ -103,8 +80,8 @@ class VramBudget:
         environ: Mapping[str, str],
     ) -> None:
         # Both variables are read now, so a malformed one fails at startup, not at first load.
-        env_max = read(environ, MAX_VRAM_VARIABLE, _max_vram)
-        env_margin = read(environ, MARGIN_VARIABLE, _margin)
+        env_max = read(environ, MAX_VRAM_VARIABLE, positive_gigabytes)
+        env_margin = read(environ, MARGIN_VARIABLE, gigabytes)
         self._explicit: int | None = None
         if max_vram_gb is not None:
             self._explicit = _positive_gb(max_vram_gb, "max_vram_gb")
