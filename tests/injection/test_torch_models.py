@@ -22,31 +22,16 @@ pytest.importorskip("transformers")
 
 from devserver_support import serve
 from test_worker_integration import Harness, event_types, pack, run, unpack, until
+from test_worker_models import _resolution
 
 from gen_worker.config import ModelSettings
 from gen_worker.discovery import discover, encode_lock
 from gen_worker.hub import HubServer, publish
-from gen_worker.models.hub_client import HubClient
 from gen_worker.protocol import messages as m
 from gen_worker.testing.scheduler import RequestRecord, WorkerConnection
 
 PROJECT = Path(__file__).resolve().parents[1] / "fixtures" / "projects" / "diffusion"
 REF = "acme/tiny-sd:v1"
-
-
-def resolution(hub: HubServer, ref: str) -> m.ResolvedModel:
-    """What the scheduler sends with a job: the snapshot's digest and its files' URLs."""
-
-    async def go() -> m.ResolvedModel:
-        client = HubClient(hub.url)
-        try:
-            manifest = await client.resolve(ref)
-        finally:
-            await client.aclose()
-        files = [m.ResolvedFile(e.path, e.size_bytes, e.blake3, e.url) for e in manifest.entries]
-        return m.ResolvedModel(ref=ref, snapshot_digest=manifest.digest, files=files)
-
-    return asyncio.run(go())
 
 
 def payloads(record: RequestRecord) -> list[tuple[str, dict[str, Any]]]:
@@ -69,7 +54,7 @@ def test_a_real_worker_serves_a_payload_selected_pipeline_cold_then_hot(
     lock.write_bytes(encode_lock(discover(PROJECT, isolated=True).lock))
     release = tmp_path / "release-hold"
     with HubServer(tmp_path / "hub") as hub:
-        resolved = [resolution(hub, REF)]
+        resolved = [_resolution(hub, REF)]
         harness = Harness(tmp_path, lock)
 
         async def scenario() -> None:
