@@ -296,3 +296,41 @@ def test_concurrent_requests_share_one_pipeline_safely(tmp_path: Path, tiny_sd_d
             assert len(loads) == 1  # four requests, one download, one load
             status = client.get("/v1/models/status").json()
             assert status["hot"] == [REF] and status["cache"]["in_use"] == {}
+
+
+def test_several_pipelines_share_a_vram_budget_least_recently_used_first(
+    tmp_path: Path, tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two pipelines of ~6.7 MB under a 10 MB budget: loading one evicts the other (it stays
+    warm on disk); the next request for the evicted one reloads it from disk."""
+    monkeypatch.setenv("WORKER_MAX_VRAM_GB", str(10 / 1024))
+    publish(tmp_path / "hub", REF, tiny_sd_dir)
+    publish(tmp_path / "hub", "acme/tiny-sd:v2", tiny_sd_dir)
+    logged: list[dict[str, Any]] = []
+    with HubServer(tmp_path / "hub") as hub:
+        settings = ModelSettings(tensorhub_url=hub.url, cache_dir=str(tmp_path / "cache"))
+        with (
+            serve(tmp_path / "out", project=PROJECT, model_settings=settings) as served,
+            httpx.Client(base_url=served.base_url, timeout=90) as client,
+        ):
+            models = served.runner.models
+            assert models is not None and models.provider is not None
+            models.provider.on_event = lambda kind, payload: logged.append({kind: payload})
+
+            def state(model: str) -> str:
+                answer = client.post("/v1/request/generate", json={"model": model})
+                assert answer.status_code == 200, answer.text
+                job = next(e for e in answer.json()["events"] if e["type"] == "metrics.job")
+                return str(job["payload"]["cache_state"])
+
+            assert state("tiny") == "cold_remote"
+            assert state("other") == "cold_remote"
+            evicted = [p["evicted"] for e in logged for k, p in e.items() if k == "model.cached"]
+            assert evicted == [[], [REF]]
+            status = client.get("/v1/models/status").json()
+            assert status["hot"] == ["acme/tiny-sd:v2"]
+            assert status["cache"]["over_budget"] is False
+            assert status["cache"]["used_vram_gb"] <= 10 / 1024
+            # Evicted from memory, not from disk: the next load skips the download.
+            assert state("tiny") == "warm_disk"
+            assert client.get("/v1/models/status").json()["hot"] == [REF]

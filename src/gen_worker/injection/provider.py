@@ -94,7 +94,7 @@ class CachedModels:
         self.keyspaces = {fn: dict(keys) for fn, keys in keyspaces.items()}
         self.functions = list(functions)
         self.device = device
-        self._on_event = on_event
+        self.on_event = on_event
         self._flights: dict[str, asyncio.Lock] = {}
         self._use_locks: dict[str, asyncio.Lock] = {}
         self._exclusive: set[str] = set()
@@ -357,9 +357,9 @@ class CachedModels:
         self._refs_by_obj.pop(id(obj), None)
 
     def _event(self, event_type: str, payload: dict[str, Any]) -> None:
-        if self._on_event is not None:
+        if self.on_event is not None:
             with contextlib.suppress(Exception):  # events are best-effort
-                self._on_event(event_type, payload)
+                self.on_event(event_type, payload)
 
     async def aclose(self) -> None:
         await self.finder.aclose()
