@@ -259,3 +259,27 @@ def test_hugging_face_refs_land_in_the_same_store(
     blob = store.blob_path(blake3.blake3(weights).hexdigest())
     assert blob.read_bytes() == weights
     assert _leftovers(tmp_path / "cas") == []
+
+
+def test_two_refs_of_one_snapshot_fetched_at_once_are_both_indexed(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    """Two tags of one checkpoint, asked for at the same time: one download, both refs known."""
+    manifest = _resolve(hub)
+    store = Store(tmp_path / "store")
+
+    async def go() -> list[Path]:
+        fetcher = SnapshotFetcher(store)
+        try:
+            return list(
+                await asyncio.gather(
+                    fetcher.fetch(manifest, ref="acme/sd:latest"),
+                    fetcher.fetch(manifest, ref="acme/sd:v1"),
+                )
+            )
+        finally:
+            await fetcher.aclose()
+
+    first, second = asyncio.run(go())
+    assert first == second == store.snapshot_path(manifest.digest)
+    assert store.refs() == {"acme/sd:latest": manifest.digest, "acme/sd:v1": manifest.digest}

@@ -108,7 +108,12 @@ class SnapshotFetcher:
             self._inflight[manifest.digest] = task
             task.add_done_callback(lambda _: self._inflight.pop(manifest.digest, None))
         # Shielded: one caller giving up (a canceled request) must not cancel the others' fetch.
-        return await asyncio.shield(task)
+        path = await asyncio.shield(task)
+        if ref is not None:
+            # A caller that joined another ref's fetch of the same snapshot (two tags of one
+            # checkpoint) must find its own ref in the index too.
+            self.store.set_ref(ref, manifest.digest)
+        return path
 
     async def _fetch(
         self,
