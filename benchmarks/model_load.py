@@ -471,7 +471,10 @@ def end_to_end(work: Path, hub_url: str, args: argparse.Namespace) -> None:
         settings = ModelSettings(tensorhub_url=hub_url, cache_dir=str(here / "cache"))
         for runner, states in (("first", ("cold", "hot")), ("second", ("warm",))):
             with (
-                serve(here / runner, project=PROJECT, model_settings=settings) as served,
+                # No fetch at start: the first request itself finds the model cold (or warm).
+                serve(
+                    here / runner, project=PROJECT, model_settings=settings, prefetch_models=False
+                ) as served,
                 httpx.Client(base_url=served.base_url, timeout=120) as client,
             ):
                 for state in states:

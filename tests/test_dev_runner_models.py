@@ -62,3 +62,35 @@ def test_the_seed_prefetch_example_downloads_into_the_store(tmp_path: Path) -> N
                 assert [r["ok"] for r in mixed] == [True, False]
                 assert mixed[1]["error_type"] == "fatal"
                 assert "acme/absent:latest" in mixed[1]["error_message"]
+
+
+def test_readyz_waits_for_the_declared_models_and_names_the_missing_ones(tmp_path: Path) -> None:
+    """Ready once every model endpoint.toml declares is on disk; otherwise 503 saying which."""
+    import time
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "hello-world"
+    folders = {}
+    for name in ("tok", "v1", "v2"):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+    given = {"tokenizer": folders["tok"], "gen-worker/tiny-lm:v1": folders["v1"]}
+
+    def readiness(dirs: dict[str, Path]) -> httpx.Response:
+        with (
+            serve(tmp_path / "out", project=example, model_dirs=dirs) as served,
+            httpx.Client(base_url=served.base_url, timeout=30) as client,
+        ):
+            deadline = time.monotonic() + 20
+            while (answer := client.get("/readyz")).json().get("pending"):
+                assert time.monotonic() < deadline, answer.text
+                time.sleep(0.02)
+            return answer
+
+    missing = readiness(given)
+    assert missing.status_code == 503
+    body = missing.json()
+    assert body["ready"] is False and body["reason"] == "declared models are not available"
+    assert list(body["failed"]) == ["gen-worker/tiny-lm:v2"]
+    assert "no hub is configured" in body["failed"]["gen-worker/tiny-lm:v2"]
+    ready = readiness({**given, "gen-worker/tiny-lm:v2": folders["v2"]})
+    assert ready.status_code == 200 and ready.json() == {"ready": True}

@@ -7,6 +7,7 @@ import importlib.util
 import math
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -203,6 +204,10 @@ def test_the_dev_runner_serves_real_embeddings_from_the_local_hub(tmp_path: Path
             serve(tmp_path / "out", project=EXAMPLE, model_settings=settings) as served,
             httpx.Client(base_url=served.base_url, timeout=120) as client,
         ):
+            deadline = time.monotonic() + 60  # the runner fetches the declared model at start
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, client.get("/readyz").text
+                time.sleep(0.05)
             answers = [client.post("/v1/request/embed", json={"texts": TEXTS}) for _ in range(2)]
             for answer in answers:
                 assert answer.status_code == 200, answer.text
@@ -210,7 +215,7 @@ def test_the_dev_runner_serves_real_embeddings_from_the_local_hub(tmp_path: Path
                 next(e for e in a.json()["events"] if e["type"] == "metrics.job")["payload"]
                 for a in answers
             ]
-            assert [s["cache_state"] for s in states] == ["cold_remote", "hot_vram"]
+            assert [s["cache_state"] for s in states] == ["warm_disk", "hot_vram"]
             assert states[0]["models"] == {"tokenizer": REF, "model": REF}
             output = answers[1].json()["output"]
             assert output["dim"] == 384

@@ -9,6 +9,7 @@ function's keyspace is refused; unloading a model a request is using is refused.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,15 @@ from gen_worker.testing.scheduler import RequestRecord, WorkerConnection
 
 PROJECT = Path(__file__).resolve().parents[1] / "fixtures" / "projects" / "diffusion"
 REF = "acme/tiny-sd:v1"
+
+
+def wait_ready(client: httpx.Client, timeout_s: float = 60) -> None:
+    """Until /readyz says the declared models are on disk (the runner fetches them at start)."""
+    deadline = time.monotonic() + timeout_s
+    while (answer := client.get("/readyz")).status_code != 200:
+        assert answer.status_code == 503 and time.monotonic() < deadline, answer.text
+        time.sleep(0.05)
+    assert answer.json() == {"ready": True}
 
 
 def payloads(record: RequestRecord) -> list[tuple[str, dict[str, Any]]]:
@@ -155,6 +165,7 @@ def test_the_dev_runner_loads_from_the_hub_once_and_warms_up(
             serve(tmp_path / "out", project=PROJECT, model_settings=settings) as served,
             httpx.Client(base_url=served.base_url, timeout=90) as client,
         ):
+            wait_ready(client)  # both declared models downloaded as the runner started
             warm = client.post("/v1/warmup/generate", json={"model": "other"})
             assert warm.status_code == 200 and warm.json()["ok"] is True, warm.text
             status = client.get("/v1/models/status").json()
@@ -163,7 +174,7 @@ def test_the_dev_runner_loads_from_the_hub_once_and_warms_up(
             assert first.status_code == 200, first.text
             assert first.json()["output"]["shape"] == [32, 32, 3]
             metrics = next(e for e in first.json()["events"] if e["type"] == "metrics.job")
-            assert metrics["payload"]["cache_state"] == "cold_remote"
+            assert metrics["payload"]["cache_state"] == "warm_disk"
             second = client.post("/v1/request/generate", json={"model": "other"})
             metrics = next(e for e in second.json()["events"] if e["type"] == "metrics.job")
             assert metrics["payload"]["cache_state"] == "hot_vram"
@@ -274,7 +285,10 @@ def test_concurrent_requests_share_one_pipeline_safely(tmp_path: Path, tiny_sd_d
     with HubServer(tmp_path / "hub") as hub:
         settings = ModelSettings(tensorhub_url=hub.url, cache_dir=str(tmp_path / "cache"))
         with (
-            serve(tmp_path / "out", project=PROJECT, model_settings=settings) as served,
+            # No fetch at start: the four requests find the model cold and share one load.
+            serve(
+                tmp_path / "out", project=PROJECT, model_settings=settings, prefetch_models=False
+            ) as served,
             httpx.Client(base_url=served.base_url, timeout=90) as client,
             ThreadPoolExecutor(4) as pool,
         ):
@@ -323,8 +337,9 @@ def test_several_pipelines_share_a_vram_budget_least_recently_used_first(
                 job = next(e for e in answer.json()["events"] if e["type"] == "metrics.job")
                 return str(job["payload"]["cache_state"])
 
-            assert state("tiny") == "cold_remote"
-            assert state("other") == "cold_remote"
+            wait_ready(client)
+            assert state("tiny") == "warm_disk"
+            assert state("other") == "warm_disk"
             evicted = [p["evicted"] for e in logged for k, p in e.items() if k == "model.cached"]
             assert evicted == [[], [REF]]
             status = client.get("/v1/models/status").json()

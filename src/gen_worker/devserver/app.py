@@ -154,6 +154,8 @@ class DevRunner:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        if self.models is not None:
+            self.models.start_prefetch()  # /readyz: ready once the declared models are on disk
         yield
         # Server shutdown: refuse new requests, let running ones finish, cancel the rest.
         self.stopping = True
@@ -342,6 +344,10 @@ class DevRunner:
     async def readyz(self, request: Request) -> Response:
         if self.stopping:
             return _json({"ready": False, "reason": "shutting down"}, 503)
+        if self.models is not None:
+            ready, detail = self.models.readiness()
+            if not ready:
+                return _json({"ready": False, **detail}, 503)
         return _json({"ready": True})
 
 

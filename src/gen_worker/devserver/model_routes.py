@@ -13,6 +13,7 @@ snapshots (warm on disk) and what is downloading or loading now.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -48,6 +49,12 @@ class ModelRoutes:
         self._downloading: dict[str, int] = {}
         #: The engine's model provider (the model cache); set by the runner that builds both.
         self.provider: CachedModels | None = None
+        #: The declared models' readiness: ref -> None while fetching, "" when on disk, else
+        #: why it is not (``/readyz``).
+        self._declared: dict[str, str | None] = {}
+        self._prefetching: asyncio.Task[None] | None = None
+        #: Fetch the declared models as the runner starts (``--no-prefetch`` turns it off).
+        self.prefetch_on_start = True
 
     @property
     def source(self) -> ModelSource:
@@ -56,8 +63,49 @@ class ModelRoutes:
         return self._source
 
     async def aclose(self) -> None:
+        if self._prefetching is not None:
+            self._prefetching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prefetching
         if self._source is not None:
             await self._source.aclose()
+
+    # -- readiness: the declared models on disk ----------------------------------------------
+
+    def start_prefetch(self) -> None:
+        """Fetch every model the endpoint declares into the store, in the background."""
+        provider = self.provider
+        if provider is None or not self.prefetch_on_start:
+            return
+        refs = [*provider.declared.values()]
+        refs += [ref for keys in provider.keyspaces.values() for ref in keys.values()]
+        self._declared = dict.fromkeys(dict.fromkeys(refs))
+        if self._declared:
+            self._prefetching = asyncio.ensure_future(self._prefetch_declared(provider))
+
+    async def _prefetch_declared(self, provider: CachedModels) -> None:
+        async def one(ref: str) -> None:
+            try:
+                await provider.finder.find(ref, emit=self.on_event)
+            except GenWorkerError as exc:
+                self._declared[ref] = str(exc)
+            except Exception as exc:  # a bug must not leave readiness pending forever
+                self._declared[ref] = f"{type(exc).__name__}: {exc}"
+            else:
+                self._declared[ref] = ""
+
+        await asyncio.gather(*(one(ref) for ref in self._declared))
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready once every declared model is on disk; else what is pending or failed."""
+        pending = sorted(ref for ref, why in self._declared.items() if why is None)
+        failed = {ref: why for ref, why in sorted(self._declared.items()) if why}
+        if pending:
+            return False, {"reason": "declared models are downloading", "pending": pending,
+                           "failed": failed}  # fmt: skip
+        if failed:
+            return False, {"reason": "declared models are not available", "failed": failed}
+        return True, {}
 
     def on_event(self, event_type: str, payload: dict[str, Any]) -> None:
         """Track downloads in flight from the fetcher's model events."""

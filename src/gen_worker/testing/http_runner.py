@@ -104,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve model REF (or [models] key) from a local folder",
     )
     parser.add_argument(
+        "--no-prefetch",
+        dest="prefetch_models",
+        action="store_false",
+        help="do not fetch the declared models at startup (each loads on its first request)",
+    )
+    parser.add_argument(
         "--max-queue",
         type=int,
         default=100,
@@ -135,8 +141,12 @@ def build_runner(
     max_queue: int | None = 100,
     cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
     model_settings: ModelSettings | None = None,
+    prefetch_models: bool = True,
 ) -> DevRunner:
     """A dev runner over a fresh engine for ``endpoint``, writing outputs under ``outputs``.
+
+    With ``prefetch_models`` (the default) the declared models are fetched into the store as
+    the runner starts, and ``/readyz`` answers ready once they are there.
 
     Models are prefetched into the store and through the hub that ``model_settings`` name
     (default: read from the environment, TENSORHUB_URL and TENSORHUB_CACHE_DIR).
@@ -160,6 +170,7 @@ def build_runner(
         on_event=on_event,
     )  # fmt: skip
     routes.provider = models
+    routes.prefetch_on_start = prefetch_models
     outputs.mkdir(parents=True, exist_ok=True)
     upload_limit = settings.max_upload_bytes
     engine = Engine(
@@ -268,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
             endpoint,
             Path(args.outputs),
             model_dirs=dict(args.models),
+            prefetch_models=args.prefetch_models,
             max_queue=args.max_queue,
         )
     except GenWorkerError as exc:
