@@ -350,3 +350,24 @@ async def test_an_unloaded_model_is_freed_while_the_loop_runs_on(
     gc.collect()
     assert alive() is None
     await models.aclose()
+
+
+def test_read_ahead_reads_weights_in_a_thread_unless_they_would_crowd_ram(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gen_worker.injection import loaders
+    from gen_worker.low_vram import probes
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "w.safetensors").write_bytes(b"\0" * 300_000)
+    (tmp_path / "config.json").write_text("{}")  # not a weight file: never read ahead
+    monkeypatch.setattr(probes, "available_ram_bytes", lambda: 10_000_000)
+    thread = loaders.read_ahead(tmp_path)
+    assert thread is not None and thread.daemon
+    thread.join(5)
+    assert not thread.is_alive()
+    monkeypatch.setattr(probes, "available_ram_bytes", lambda: 500_000)  # 300 kB > half of it
+    assert loaders.read_ahead(tmp_path) is None
+    monkeypatch.setattr(probes, "available_ram_bytes", lambda: None)  # the host does not say
+    assert loaders.read_ahead(tmp_path) is None
+    assert loaders.read_ahead(tmp_path / "unet" / "missing") is None  # nothing to read
