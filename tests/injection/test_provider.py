@@ -329,6 +329,10 @@ async def test_a_failed_load_fails_the_request_with_the_ref_and_loader_in_its_ev
     assert failed["error"] == "ModelLoadError"
     assert failed["ref"] == "acme/alpha:v1"
     assert failed["loader"] == "from_pretrained:Broken.from_pretrained"
+    (job,) = [o.payload for o in outcomes if isinstance(o, Event) and o.event_type == "metrics.job"]
+    assert (job["cache_state"], job["error_type"]) == ("cold_remote", "fatal")
+    assert job["models"] == {"weights": "acme/alpha:v1"}
+    assert "model_load_ms" not in job  # the load never completed
 
 
 @synchronously

@@ -103,17 +103,18 @@ def cache_state_of(models: ModelProvider, model_id: str) -> str | None:
 
 
 class ModelsLoaded(msgspec.Struct):
-    """What the model phases produced for one request."""
+    """What the model phases produced for one request (filled in as they go)."""
 
-    kwargs: dict[str, Any]
-    ids: dict[str, str]
-    cache_states: dict[str, str | None]
+    kwargs: dict[str, Any] = {}
+    ids: dict[str, str] = {}
+    cache_states: dict[str, str | None] = {}
 
 
 async def load_models(
     models: ModelProvider,
     spec: FunctionSpec,
     payload: msgspec.Struct,
+    into: ModelsLoaded,
     *,
     holder: object,
     device: str,
@@ -121,15 +122,20 @@ async def load_models(
     channel: OutcomeChannel,
     watch: StuckWatch,
     settings: EngineSettings,
-) -> ModelsLoaded:
-    """Resolve every model parameter, then load each (and lock them, if the provider does)."""
+) -> None:
+    """Resolve every model parameter, then load each (and lock them, if the provider does).
+
+    ``into`` fills in as the phases go, so a load that fails still leaves which models were
+    chosen and how cold they were (the failed run's ``metrics.job`` reports them).
+    """
     with Phase(channel, watch, "model_resolve", settings.warn_model_resolve_s, {}):
         ids = {i.param: await models.resolve(spec, i, payload) for i in spec.injections}
-    states = {m: cache_state_of(models, m) for m in ids.values()}
+    into.ids = ids
+    into.cache_states = {m: cache_state_of(models, m) for m in ids.values()}
     detail = {"models": sorted(ids.values())}
     emit = channel.hook
     with Phase(channel, watch, "model_load", settings.warn_model_load_s, detail):
-        kwargs = {}
+        kwargs = into.kwargs
         for injection in spec.injections:
             request = LoadRequest(
                 model_id=ids[injection.param],
@@ -144,7 +150,6 @@ async def load_models(
         lock = getattr(models, "lock", None)
         if lock is not None:
             await lock(holder, sorted(set(ids.values())))
-    return ModelsLoaded(kwargs, ids, states)
 
 
 def release_models(models: ModelProvider | None, holder: object) -> None:

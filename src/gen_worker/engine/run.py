@@ -38,6 +38,7 @@ from gen_worker.engine.models import ModelProvider
 from gen_worker.engine.outcomes import Result
 from gen_worker.engine.phases import (
     CACHE_ORDER,
+    ModelsLoaded,
     call_with_oom_retry,
     load_models,
     release_models,
@@ -295,14 +296,17 @@ class RequestRun:
             )
         self._holds_models = True
         start = time.monotonic()
-        loaded = await load_models(
-            models, self.spec, payload, holder=self, device=self._deps.device,
-            resolved=self.meta.resolved_models, channel=self.channel, watch=self._deps.watch,
-            settings=self._deps.settings,
-        )  # fmt: skip
+        loaded = ModelsLoaded()
+        try:
+            await load_models(
+                models, self.spec, payload, loaded, holder=self, device=self._deps.device,
+                resolved=self.meta.resolved_models, channel=self.channel,
+                watch=self._deps.watch, settings=self._deps.settings,
+            )  # fmt: skip
+        finally:
+            self._models = loaded.ids or None
+            self._cache_states = loaded.cache_states or None
         self._metric("metrics.gpu_load", "model_load_ms", start)
-        self._models = loaded.ids
-        self._cache_states = loaded.cache_states
         return loaded.kwargs
 
     async def _infer(
@@ -448,7 +452,15 @@ class RequestRun:
     def _fail(self, exc: BaseException) -> None:
         if self.is_finished:
             return
-        self.channel.emit("request.failed", {"error_type": getattr(exc, "error_type", "internal")})
+        error_type = getattr(exc, "error_type", "internal")
+        # One metrics.job per run, failed ones included: a failed load still says how cold
+        # its models were and how long each phase took.
+        self.channel.emit_many(
+            (
+                ("metrics.job", {**self._job_metrics(), "error_type": error_type}),
+                ("request.failed", {"error_type": error_type}),
+            )
+        )
         timing = self._timing_ms()
         name = self.spec.name
         self.channel.finish(
