@@ -6,6 +6,7 @@ the process already did (a process that never imported torch has nothing on a GP
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
@@ -88,12 +89,10 @@ def cuda_memory(device: str = "cuda") -> tuple[int, int]:
 
 def available_ram_bytes() -> int | None:
     """CPU memory available to new allocations, or None when the host does not say."""
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):  # not Linux: ask sysconf
         for line in _MEMINFO.read_text(encoding="ascii").splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (OSError, ValueError, AttributeError):
