@@ -349,3 +349,33 @@ def test_several_pipelines_share_a_vram_budget_least_recently_used_first(
             # Evicted from memory, not from disk: the next load skips the download.
             assert state("tiny") == "warm_disk"
             assert client.get("/v1/models/status").json()["hot"] == [REF]
+
+
+def test_a_load_command_uses_the_endpoint_configs_resolution(
+    tmp_path: Path, tiny_sd_dir: Path
+) -> None:
+    """The scheduler resolves the endpoint's models in its config, then asks for one by ref:
+    the worker (no hub access of its own) loads it from that resolution."""
+    publish(tmp_path / "hub", REF, tiny_sd_dir)
+    lock = tmp_path / "endpoint.lock"
+    lock.write_bytes(encode_lock(discover(PROJECT, isolated=True).lock))
+    with HubServer(tmp_path / "hub") as hub:
+        resolution = _resolution(hub, REF)
+        harness = Harness(tmp_path, lock)
+
+        async def scenario() -> None:
+            async with harness.serving(GEN_WORKER_ENDPOINT_ROOT=str(PROJECT)) as s:
+                config = m.EndpointConfig(resolved_models=[resolution])
+                assert await s.sched.send(config, s.conn.worker_id)
+                assert await s.sched.send(m.LoadModel(model_id=REF))
+
+                def answers() -> list[m.LoadModelResult]:
+                    return [x for x in s.conn.messages if isinstance(x, m.LoadModelResult)]
+
+                await until(lambda: bool(answers()), 60, "the load result")
+                (answer,) = answers()
+                assert (answer.model_id, answer.ok) == (REF, True), answer
+                assert [e["model_id"] for e in worker_events(s.conn, "model.cached")] == [REF]
+                await until(lambda: REF in s.conn.heartbeats[-1].models.hot, 5, "hot")
+
+        run(scenario(), timeout_s=90)

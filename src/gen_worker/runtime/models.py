@@ -75,6 +75,8 @@ class WorkerModels:
         #: Writes a message to the scheduler (set by the worker); URL refreshes go through it.
         self.send: Callable[[Any], None] | None = None
         self._refreshes: dict[str, list[asyncio.Future[m.ResolvedModel]]] = {}
+        #: The endpoint config's resolutions by ref (a load command names only the ref).
+        self.resolutions: dict[str, m.ResolvedModel] = {}
 
     @property
     def source(self) -> ModelSource:
@@ -177,7 +179,7 @@ class WorkerModels:
         emit(f"{prefix}.started", {"model_id": ref})
         try:
             if loading:
-                await self.provider.load_model(ref)
+                await self.provider.load_model(ref, self.resolutions)
             else:
                 self.provider.unload_model(ref)
         except GenWorkerError as exc:
@@ -196,6 +198,7 @@ class WorkerModels:
         if self.provider is not None and config.keyspaces:
             self.provider.set_keyspaces({f: k.models for f, k in config.keyspaces.items()})
         resolved = {r.ref: r for r in config.resolved_models if r.snapshot_digest}
+        self.resolutions.update(resolved)  # for a later load command naming only the ref
         wanted = list(dict.fromkeys([*resolved, *config.required_models]))
         if not wanted:
             return
