@@ -177,6 +177,7 @@ def _provider(
         on_event=emit,
     )
     provider.finder.refresher = models.refresh  # expired URLs: ask the scheduler
+    provider.finder.resolutions = models.resolutions  # the endpoint config's, as they come
     return provider
 
 

@@ -120,6 +120,21 @@ def make_source(hub: HubServer, tmp_path: Path) -> ModelSource:
     return build_model_source(settings)
 
 
+async def resolution_of(hub: HubServer, tmp_path: Path, ref: str) -> dict[str, Any]:
+    """What a scheduler sends for ``ref``: the snapshot digest and its files' signed URLs."""
+    from gen_worker.refs import parse_ref
+
+    resolver = make_source(hub, tmp_path / "resolver")
+    assert resolver.hub is not None
+    manifest = await resolver.hub.resolve(parse_ref(ref))  # type: ignore[arg-type]
+    await resolver.aclose()
+    files = [
+        {"path": e.path, "size_bytes": e.size_bytes, "blake3": e.blake3, "url": e.url}
+        for e in manifest.entries
+    ]
+    return {"snapshot_digest": manifest.digest, "files": files}
+
+
 def provider(
     hub: HubServer, tmp_path: Path, *, allow_hub: bool = True, cache: ModelCache | None = None
 ) -> tuple[CachedModels, list[tuple[str, dict[str, Any]]]]:
@@ -266,19 +281,7 @@ async def test_a_worker_uses_the_schedulers_resolution_and_never_asks_the_hub_it
     with pytest.raises(FatalError, match="WORKER_ALLOW_TENSORHUB_API_RESOLVE"):
         await models.load(Load("acme/alpha:v1", injection(Weights), "cpu", Holder("r1")))
     # The scheduler's resolution: digest and files with signed URLs (what the hub answers).
-    resolver = make_source(hub, tmp_path / "other")
-    assert resolver.hub is not None
-    from gen_worker.refs import parse_ref
-
-    manifest = await resolver.hub.resolve(parse_ref("acme/alpha:v1"))  # type: ignore[arg-type]
-    await resolver.aclose()
-    resolution = {
-        "snapshot_digest": manifest.digest,
-        "files": [
-            {"path": e.path, "size_bytes": e.size_bytes, "blake3": e.blake3, "url": e.url}
-            for e in manifest.entries
-        ],
-    }
+    resolution = await resolution_of(hub, tmp_path, "acme/alpha:v1")
     holder = Holder("r2")
     obj = await models.load(
         Load("acme/alpha:v1", injection(Weights), "cpu", holder, {"acme/alpha:v1": resolution})
@@ -375,3 +378,16 @@ def test_read_ahead_reads_weights_in_a_thread_unless_they_would_crowd_ram(
     monkeypatch.setattr(probes, "available_ram_bytes", lambda: None)  # the host does not say
     assert loaders.read_ahead(tmp_path) is None
     assert loaders.read_ahead(tmp_path / "unet" / "missing") is None  # nothing to read
+
+
+@synchronously
+async def test_a_request_without_its_own_resolution_uses_the_endpoint_configs(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    models, _ = provider(hub, tmp_path, allow_hub=False)
+    models.finder.resolutions = {"acme/beta:v1": await resolution_of(hub, tmp_path, "acme/beta:v1")}
+    holder = Holder("r1")
+    obj = await models.load(Load("acme/beta:v1", injection(Weights), "cpu", holder))
+    assert obj.text == "beta weights"
+    models.release(holder)
+    await models.aclose()

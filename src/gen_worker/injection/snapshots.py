@@ -66,6 +66,8 @@ class SnapshotFinder:
         #: Fresh URLs for a scheduler-resolved snapshot whose signed URLs expired (the worker
         #: asks the scheduler); None: such a download fails on its first 403.
         self.refresher: Callable[[str], Awaitable[SnapshotManifest]] | None = None
+        #: Resolutions known beyond a request's own (the worker's endpoint config), by ref.
+        self.resolutions: Mapping[str, Any] = {}
 
     @property
     def source(self) -> ModelSource | None:
@@ -105,7 +107,7 @@ class SnapshotFinder:
                 f"model {ref} is not available: no model store is configured and no local "
                 f"folder was given for it (--model {ref}=DIR)"
             )
-        manifest = manifest_from_resolution(resolution)
+        manifest = manifest_from_resolution(resolution or self.resolutions.get(ref))
         if manifest is not None:
             refresh = self.refresher
             return await source.fetcher.fetch(
