@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,11 +10,12 @@ import msgspec
 
 from gen_worker.authoring import FunctionSpec
 from gen_worker.discovery import EndpointLock
-from gen_worker.engine import Engine, Failure, Result
+from gen_worker.engine import Engine, Failure, RequestRun, Result
 from gen_worker.engine.batching import BatchShapeError, merge_payloads, split_output
 from gen_worker.protocol import messages as m
+from gen_worker.runtime.messages import outcome_message
 
-__all__ = ["BatchPlan", "batch_result", "plan_batch"]
+__all__ = ["BatchPlan", "batch_result", "plan_batch", "pump_batch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,3 +87,18 @@ def _batch(plan: BatchPlan, results: list[m.JobResult], ref: m.RequestRef) -> m.
         results=results,
         ref=ref,
     )
+
+
+async def pump_batch(
+    run: RequestRun, plan: BatchPlan, produced: Callable[[int, bool, Any], None]
+) -> None:
+    """Pass the merged run's outcomes on under the batch's id, its terminal one as the
+    BatchResult of every item; return once the run has really stopped."""
+    ref = m.RequestRef(request_id=plan.batch.batch_id)
+    async for outcome in run.channel:
+        at = msgspec.structs.replace(ref, seq=outcome.seq)
+        if outcome is run.channel.terminal:
+            produced(outcome.seq, True, batch_result(plan, outcome, "", at))
+            break
+        produced(outcome.seq, False, outcome_message(outcome, at, streaming=False))
+    await run.stopped.wait()

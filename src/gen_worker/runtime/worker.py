@@ -24,14 +24,13 @@ from gen_worker.engine import Codec, Engine, Outcome, RequestMeta, RequestRun, R
 from gen_worker.logs import log
 from gen_worker.protocol import messages as m
 from gen_worker.runtime import core_types as ct
-from gen_worker.runtime.batches import BatchPlan, batch_result, plan_batch
+from gen_worker.runtime.batches import BatchPlan, batch_result, plan_batch, pump_batch
 from gen_worker.runtime.core import WorkerCore
 from gen_worker.runtime.link import CLOSE, Link, closed_event
 from gen_worker.runtime.messages import (
     OutcomeEncoder,
     heartbeat,
     model_unsupported,
-    outcome_message,
     registration,
 )
 from gen_worker.runtime.models import WorkerModels, availability_changes
@@ -482,37 +481,23 @@ class Worker:
         self.handle(ct.JobStopped(key[0], key[1]))
 
     def _start_batch(self, key: ct.RequestKey, plan: BatchPlan) -> None:
+        def produced(seq: int, terminal: bool, message: Any) -> None:
+            self.handle(ct.OutcomeProduced(key[0], key[1], seq, terminal, message))
+
         meta = RequestMeta(request_id=plan.batch.batch_id, codec=Codec.MSGPACK)
         try:
             run = self.engine.start(plan.spec, plan.payload, meta)
         except Exception as exc:
-            self._finish_batch(key, plan, None, str(exc), 0)
+            ref = m.RequestRef(request_id=plan.batch.batch_id)
+            produced(0, True, batch_result(plan, None, str(exc), ref))
+            self.handle(ct.JobStopped(key[0], key[1]))
             return
         self._runs[key] = run
-        self._spawn(self._pump_batch(key, run, plan))
+        self._spawn(self._then_stopped(key, pump_batch(run, plan, produced)))
 
-    async def _pump_batch(self, key: ct.RequestKey, run: RequestRun, plan: BatchPlan) -> None:
-        ref = m.RequestRef(request_id=plan.batch.batch_id)
-        async for outcome in run.channel:
-            if outcome is run.channel.terminal:
-                self._finish_batch(key, plan, outcome, "", outcome.seq)
-                break
-            message = outcome_message(
-                outcome, msgspec.structs.replace(ref, seq=outcome.seq), streaming=False
-            )
-            self.handle(ct.OutcomeProduced(key[0], key[1], outcome.seq, False, message))
-        await run.stopped.wait()
-        self._runs.pop(key, None)
-        self.handle(ct.JobStopped(key[0], key[1]))
-
-    def _finish_batch(
-        self, key: ct.RequestKey, plan: BatchPlan, terminal: Any, error: str, seq: int
-    ) -> None:
-        ref = m.RequestRef(request_id=plan.batch.batch_id, seq=seq)
-        message = batch_result(plan, terminal, error, ref)
-        self.handle(ct.OutcomeProduced(key[0], key[1], seq, True, message))
-        if terminal is None:
-            self.handle(ct.JobStopped(key[0], key[1]))
+    async def _then_stopped(self, key: ct.RequestKey, pump: Awaitable[None]) -> None:
+        await pump
+        self._job_stopped(key)
 
     def _cancel(self, key: ct.RequestKey) -> None:
         run = self._runs.get(key)
