@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -369,6 +370,10 @@ def test_read_ahead_reads_weights_in_a_thread_unless_they_would_crowd_ram(
     (tmp_path / "unet" / "w.safetensors").write_bytes(b"\0" * 300_000)
     (tmp_path / "config.json").write_text("{}")  # not a weight file: never read ahead
     monkeypatch.setattr(probes, "available_ram_bytes", lambda: 10_000_000)
+    # Just written, so in the page cache: nothing to read ahead.
+    assert loaders._in_page_cache([tmp_path / "unet" / "w.safetensors"])
+    assert loaders.read_ahead(tmp_path) is None
+    monkeypatch.setattr(loaders, "_in_page_cache", lambda files: False)
     thread = loaders.read_ahead(tmp_path)
     assert thread is not None and thread.daemon
     thread.join(5)
@@ -378,6 +383,31 @@ def test_read_ahead_reads_weights_in_a_thread_unless_they_would_crowd_ram(
     monkeypatch.setattr(probes, "available_ram_bytes", lambda: None)  # the host does not say
     assert loaders.read_ahead(tmp_path) is None
     assert loaders.read_ahead(tmp_path / "unet" / "missing") is None  # nothing to read
+
+
+def test_the_page_cache_probe_says_no_when_a_read_would_wait_or_cannot_be_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gen_worker.injection import loaders
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"\1" * 100_000)
+    assert loaders._in_page_cache([weights])
+    real = os.preadv
+    probed: list[int] = []
+
+    def on_disk_past_half(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        probed.append(offset)
+        if offset >= 50_000:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", on_disk_past_half)
+    assert not loaders._in_page_cache([weights])
+    assert probed[0] == 0 and probed[-1] == 50_000  # evenly spaced; stops at the first miss
+    monkeypatch.setattr(os, "preadv", real)
+    monkeypatch.delattr(os, "RWF_NOWAIT")
+    assert not loaders._in_page_cache([weights])  # no way to ask: read ahead
 
 
 @synchronously
