@@ -501,3 +501,7 @@ def test_sources_and_policies_are_checked() -> None:
         DownloadPolicy(range_workers=0)
     with pytest.raises(ValueError, match=r"^DownloadPolicy.read_timeout_s is 0; it must be > 0"):
         DownloadPolicy(read_timeout_s=0)
+    with pytest.raises(
+        ValueError, match=r"^DownloadPolicy.parallel_when_idle is -0.5; it must be >= 0"
+    ):
+        DownloadPolicy(parallel_when_idle=-0.5)

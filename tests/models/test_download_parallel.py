@@ -7,14 +7,18 @@ import asyncio
 import hashlib
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
 from servers.flaky_http import FlakyServer
 
 from gen_worker.errors import DownloadError, HubNotFoundError
+from gen_worker.models import blob_io, ranges
 from gen_worker.models.download import (
     BlobSource,
     DownloadPolicy,
@@ -37,6 +41,7 @@ POLICY = DownloadPolicy(
     parallel_min_bytes=256 << 10,
     range_bytes=STEP,
     range_workers=4,
+    parallel_when_idle=0,  # every worker at once (the choice is tested below)
 )
 ALL_RANGES = {f"bytes={s}-{min(s + STEP, SIZE) - 1}" for s in range(0, SIZE, STEP)}
 
@@ -64,11 +69,12 @@ def fetch(
     *,
     refresh_url: Callable[[], Awaitable[str]] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    policy: DownloadPolicy = POLICY,
 ) -> DownloadResult:
     async def go() -> DownloadResult:
-        async with make_client(POLICY) as client:
+        async with make_client(policy) as client:
             return await download_blob(
-                client, src, dest, policy=POLICY, refresh_url=refresh_url, on_progress=on_progress
+                client, src, dest, policy=policy, refresh_url=refresh_url, on_progress=on_progress
             )
 
     return asyncio.run(go())
@@ -264,3 +270,81 @@ def test_a_resume_fetches_only_the_gaps_between_written_intervals(
     requests = [r.range for r in server.requests]
     assert set(requests) == gaps | untouched and len(requests) == len(gaps | untouched)
     assert (result.resumed_from, server.bytes_served()) == (kept, SIZE - kept)
+
+
+@pytest.fixture
+def watched(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """The most ranges under way at once, and the bytes hashed by reading the file back."""
+    seen = {"ranges": 0, "most": 0, "read_back": 0}
+    fetch_range = ranges._Parallel._fetch
+    hash_span = blob_io.PrefixHash._hash_span
+
+    async def counting(self: Any, fd: int, item: Any) -> None:
+        seen["ranges"] += 1
+        seen["most"] = max(seen["most"], seen["ranges"])
+        try:
+            await fetch_range(self, fd, item)
+        finally:
+            seen["ranges"] -= 1
+
+    def reading(self: Any, end: int) -> None:
+        before = self._hash.upto
+        hash_span(self, end)
+        seen["read_back"] += self._hash.upto - before
+
+    monkeypatch.setattr(ranges._Parallel, "_fetch", counting)
+    monkeypatch.setattr(blob_io.PrefixHash, "_hash_span", reading)
+    return seen
+
+
+def test_a_busy_event_loop_gets_no_helpers_and_hashes_as_it_writes(
+    server: FlakyServer,
+    data: bytes,
+    tmp_path: Path,
+    watched: dict[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = server.add("/blob", data)
+    server.fault("trickle", piece_bytes=16 << 10, delay_s=0.01, times=-1)  # ~1.6 MB/s each
+    # The loop never idle (a CPU that is the limit): the first stream is left alone, however
+    # slow it is.
+    monkeypatch.setattr(ranges, "busy_s", time.monotonic)
+    dest = tmp_path / "blob"
+    result = fetch(source(url, data), dest, policy=replace(POLICY, parallel_when_idle=0.5))
+    assert_done(result, dest, data)
+    assert watched["most"] == 1  # one range at a time, in order...
+    assert watched["read_back"] == 0  # ...so each block was hashed by its writer, from memory
+    # Alone, the worker asked for up to 4 ranges at once: the file once, in fewer requests.
+    asked = [
+        tuple(int(b) for b in r.range.removeprefix("bytes=").split("-"))
+        for r in server.requests
+        if r.range
+    ]
+    assert len(asked) == len(server.requests) < len(ALL_RANGES)
+    assert [first for first, _ in asked] == [0] + [last + 1 for _, last in asked[:-1]]
+    assert asked[-1][1] == SIZE - 1
+    assert max(last + 1 - first for first, last in asked) == 4 * STEP
+
+
+def test_a_stream_the_network_holds_back_gets_helpers(
+    server: FlakyServer, data: bytes, tmp_path: Path, watched: dict[str, int]
+) -> None:
+    url = server.add("/blob", data)
+    server.fault("trickle", piece_bytes=16 << 10, delay_s=0.01, times=-1)  # ~1.6 MB/s each
+    dest = tmp_path / "blob"
+    result = fetch(source(url, data), dest, policy=replace(POLICY, parallel_when_idle=0.5))
+    assert_done(result, dest, data)
+    assert {r.range for r in server.requests} == ALL_RANGES and len(server.requests) == 9
+    assert watched["most"] == POLICY.range_workers
+    assert watched["read_back"] > 0  # the later ranges' blocks were not next in line
+
+
+def test_busy_seconds_count_running_not_sleeping() -> None:
+    before = ranges.busy_s()
+    time.sleep(0.2)
+    slept = ranges.busy_s() - before
+    before, until = ranges.busy_s(), time.monotonic() + 0.2
+    while time.monotonic() < until:
+        pass
+    spun = ranges.busy_s() - before
+    assert slept < 0.1 and spun > 0.15

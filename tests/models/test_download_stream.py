@@ -1,6 +1,6 @@
 """The downloader's own network stream: TLS through asyncio (the server's certificate verified,
-ranges and single streams served as over plain HTTP), and a reader slower than the network
-(the socket's reading paused while the receive buffer is full, no byte lost)."""
+ranges and single streams served as over plain HTTP), and a disk slower than the network
+(the socket's reading paused while no block is free, no byte lost)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from servers.flaky_http import FlakyServer
 
 from gen_worker.errors import DownloadError
-from gen_worker.models import blob_io
+from gen_worker.models import blob_io, net_stream
 from gen_worker.models.download import (
     BlobSource,
     DownloadPolicy,
@@ -160,7 +160,7 @@ def test_a_blob_downloads_over_tls(
 ) -> None:
     monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_file))  # httpx trusts our own CA only
     handshakes: list[str | None] = []
-    start_tls = blob_io._Stream.start_tls
+    start_tls = net_stream._Stream.start_tls
 
     async def spy(
         self: Any,
@@ -171,12 +171,12 @@ def test_a_blob_downloads_over_tls(
         handshakes.append(server_hostname)
         return await start_tls(self, ssl_context, server_hostname, timeout)
 
-    monkeypatch.setattr(blob_io._Stream, "start_tls", spy)
+    monkeypatch.setattr(net_stream._Stream, "start_tls", spy)
     dest = tmp_path / "blob"
     result = fetch(server.url, dest, policy)
-    # Through the downloader's own stream: a handshake per connection (one may serve several
-    # ranges, one after the other).
-    assert set(handshakes) == {"127.0.0.1"} and len(handshakes) <= len(ranges)
+    # Through the downloader's own stream: a handshake per connection, and each body went
+    # straight to the downloader, so no connection served a second request.
+    assert handshakes == ["127.0.0.1"] * len(ranges)
     assert dest.read_bytes() == DATA
     assert (result.blake3, result.bytes_transferred) == (blake3.blake3(DATA).hexdigest(), len(DATA))
     assert {asked for asked, _ in server.seen} == ranges and len(server.seen) == len(ranges)
@@ -199,7 +199,7 @@ def test_a_slow_disk_pauses_the_socket_without_losing_a_byte(
 ) -> None:
     data = os.urandom(6 << 20)
     pauses: list[bool] = []
-    reading = blob_io._Receiver._reading
+    reading = net_stream._Receiver._reading
     write_block = blob_io._write_block
 
     def spy(self: Any, *, pause: bool) -> None:
@@ -207,22 +207,55 @@ def test_a_slow_disk_pauses_the_socket_without_losing_a_byte(
         reading(self, pause=pause)
 
     def slow(*args: Any) -> int:
-        time.sleep(0.01)  # a disk slower than loopback: the receive buffer fills up
+        time.sleep(0.01)  # a disk slower than loopback: the blocks fill up
         return write_block(*args)
 
-    monkeypatch.setattr(blob_io._Receiver, "_reading", spy)
+    monkeypatch.setattr(net_stream._Receiver, "_reading", spy)
     monkeypatch.setattr(blob_io, "_write_block", slow)
     with FlakyServer() as server:
         url = server.add("/blob", data)
         dest = tmp_path / "blob"
 
+        policy = replace(ONE_STREAM, chunk_bytes=512 << 10)  # twelve blocks, four at a time
+
         async def go() -> DownloadResult:
-            async with make_client(ONE_STREAM) as client:
+            async with make_client(policy) as client:
                 source = BlobSource("w.bin", url, len(data), blake3.blake3(data).hexdigest())
-                return await download_blob(client, source, dest, policy=ONE_STREAM)
+                return await download_blob(client, source, dest, policy=policy)
 
         result = asyncio.run(go())
         assert dest.read_bytes() == data
         assert (result.bytes_transferred, server.bytes_served()) == (len(data), len(data))
-    assert True in pauses  # the buffer filled and reading stopped...
-    assert pauses.count(True) == pauses.count(False)  # ...and resumed each time
+    # Every block full (the writer behind), the reading stopped until one was on disk again;
+    # each resume followed a pause, never two of either in a row.
+    assert pauses[:2] == [True, False]
+    assert pauses == [True, False] * (len(pauses) // 2) + [True] * (len(pauses) % 2)
+
+
+def test_a_block_reaches_the_kernel_in_bounded_writes_whatever_its_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = blob_io._WRITE_BYTES
+    pieces = [os.urandom(n) for n in (10, limit - 10, 3 * limit + 5, 7, limit)]
+    data = b"".join(pieces)
+    calls: list[int] = []
+    pwritev = os.pwritev
+
+    def short(fd: int, views: list[memoryview], offset: int) -> int:
+        calls.append(sum(v.nbytes for v in views))
+        if len(calls) == 2:  # one short write: the rest must follow it
+            return pwritev(fd, [views[0][:100]], offset)
+        return pwritev(fd, views, offset)
+
+    monkeypatch.setattr(os, "pwritev", short)
+    path = tmp_path / "blob.part"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        inline = blob_io.InlineHash(False)
+        mixed: list[bytes | memoryview] = [pieces[0], memoryview(pieces[1]), *pieces[2:]]
+        assert blob_io._write_block(fd, mixed, 50, inline) == len(data)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(50) + data
+    assert calls == [limit] * 5 + [12] and sum(calls) == len(data)
+    assert (inline.upto, inline.digests().blake3) == (len(data), blake3.blake3(data).hexdigest())

@@ -9,7 +9,8 @@ part straight at its offset so that nothing is written twice:
 * A ``.part`` left by anything that stopped early (a dropped connection, a server that closed
   cleanly after a short body, a killed process) is resumed with ``Range: bytes=<n>-``. A
   server that ignores ``Range`` (200) or answers another range restarts the file from zero.
-* Files of ``parallel_min_bytes`` or more download as parallel ranges (:mod:`.ranges`), with a
+* Files of ``parallel_min_bytes`` or more download as byte ranges (:mod:`.ranges`), in
+  parallel when the network rather than the CPU is what limits one stream, with a
   ``<dest>.part.state`` sidecar so a killed download fetches only the missing ranges.
 * 401/403 refreshes the URL once; 404 fails at once; 5xx, 408/429, connection errors and read
   timeouts are retried with backoff, then :class:`DownloadError` keeps the ``.part``; a digest

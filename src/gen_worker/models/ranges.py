@@ -9,17 +9,24 @@ that was killed fetches only what is missing, gaps between written intervals inc
 partial file without a sidecar is a sequential download's and its bytes count from byte 0.
 
 The file is hashed from byte 0 as far as the finished ranges reach while the later ranges
-still download, so verifying it costs little after the last range lands.
+still download, so verifying it costs little after the last range lands; the blocks of the
+earliest range are hashed from memory as they are written, and with one worker that is all
+of them.
 
-The first request doubles as the probe: only once a ``206`` with the right ``Content-Range``
-has come back do the other workers start, and a server that ignores ``Range`` sends the
-caller back to one stream from zero, having cost one request.
+The first request doubles as the probe: a server that ignores ``Range`` sends the caller
+back to one stream from zero, having cost one request. Once a ``206`` with the right
+``Content-Range`` has come back, the other workers start as soon as the event loop is seen
+idle half the time (``DownloadPolicy.parallel_when_idle``): the network then holds the
+stream back, and more connections beat a per-connection limit. A loop kept busy says the CPU
+is the limit (a fast local hub, a small machine), and more streams would only share it: the
+first worker stays alone and asks for several ranges per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,13 +49,19 @@ from gen_worker.models.transfer import (
     transport_errors,
 )
 
-__all__ = ["completed_ranges", "fill_parallel", "state_path_of"]
+__all__ = ["busy_s", "completed_ranges", "fill_parallel", "state_path_of"]
 
 _PART_MODE = 0o644
 _STATE_VERSION = 1
 # A killed download loses what was written since the last checkpoint: at loopback speeds
 # (~500 MB/s) 0.25 s was 10% of a 1 GiB pull; a checkpoint costs a few microseconds.
 _CHECKPOINT_S = 0.02
+_SCHEDSTAT = Path("/proc/thread-self/schedstat")
+# How many ranges a worker left alone asks for at once (each request costs the event loop
+# ~4 ms here, its connection included; 4 x 32 MiB: a helper that joins later still finds work).
+_ALONE_RANGES = 4
+# How long the event loop is watched at a time, deciding on helpers for a large blob.
+_IDLE_WINDOW_S = 0.25
 # One page: Linux never cuts a write of one page short for a kill (it checks between pages).
 _SIDECAR_BYTES = 4096
 
@@ -63,6 +76,16 @@ class _State(msgspec.Struct, frozen=True):
     blake3: str
     sha256: str
     done: list[Interval]
+
+
+def busy_s() -> float:
+    """Seconds the calling thread has run or waited for a CPU (Linux's schedstat; elsewhere
+    only its CPU time, so a thread starved of CPU looks idler than it is)."""
+    try:
+        running, waiting = _SCHEDSTAT.read_bytes().split()[:2]
+        return (int(running) + int(waiting)) / 1e9
+    except (OSError, ValueError):
+        return time.thread_time()
 
 
 def state_path_of(part: Path) -> Path:
@@ -179,6 +202,9 @@ class _Parallel:
         self.done: list[Interval] = []
         self.failures: list[DownloadError] = []
         self.ranges_ok = asyncio.Event()
+        # Once the loop was seen busy and while the first worker is alone, it takes several
+        # ranges per request: fewer requests, and nothing to split the work with.
+        self.alone = False
         self.hasher: PrefixHash
         self._active: dict[int, tuple[int, Cursor]] = {}  # ranges under way: start, cursor
         self._saved: list[Interval] | None = None
@@ -297,7 +323,8 @@ class _Parallel:
         try:
             await asyncio.wait((tasks[0], probe), return_when=asyncio.FIRST_COMPLETED)
             probe.cancel()
-            if self.ranges_ok.is_set():
+            if self.ranges_ok.is_set() and await self._helpers_wanted(tasks[0]):
+                self.alone = False
                 workers = min(self.policy.range_workers, len(todo) + 1)
                 tasks += [asyncio.create_task(self._worker(fd, todo)) for _ in range(workers - 1)]
             await asyncio.gather(*tasks)
@@ -309,11 +336,35 @@ class _Parallel:
             raise
         return True
 
+    async def _helpers_wanted(self, first: asyncio.Task[None]) -> bool:
+        """Whether ``first`` (the only worker so far) should get helpers: True as soon as the
+        event loop spends ``parallel_when_idle`` of ``_IDLE_WINDOW_S`` idle (the network is
+        then the limit); False once ``first`` has ended (done, or failed: then no range
+        starts anyway)."""
+        share = self.policy.parallel_when_idle
+        if share <= 0:
+            return True
+        loop = asyncio.get_running_loop()
+        while not first.done():
+            busy, started = busy_s(), loop.time()
+            await asyncio.wait((first,), timeout=_IDLE_WINDOW_S)
+            elapsed = loop.time() - started
+            if not first.done() and elapsed - (busy_s() - busy) >= share * elapsed:
+                return True
+            self.alone = True
+        return False
+
     async def _worker(self, fd: int, todo: deque[_Range]) -> None:
         # After a range ran out of retries no new range starts: the server is likely down,
         # and the ranges under way still finish, to be kept for the next attempt.
         while todo and not self.failures:
             item = todo.popleft()
+            limit = item.start + _ALONE_RANGES * self.policy.range_bytes
+            while self.alone and todo and todo[0].end <= limit:
+                after = todo[0]  # the next range, if it follows on in the same segment
+                if after.segment is not item.segment or after.start != item.end:
+                    break
+                item = _Range(item.start, todo.popleft().end, item.segment)
             try:
                 await self._fetch(fd, item)
             except DownloadError as exc:
@@ -346,7 +397,7 @@ class _Parallel:
                         raise RangeRejected(f"HTTP {response.status_code} to a Range request")
                     self.ranges_ok.set()
                     # A body that runs past the range is cut there: those bytes are another's.
-                    await fetcher.pump(response, fd, cursor, item.end)
+                    await fetcher.pump(response, fd, cursor, item.end, self.hasher)
                 if cursor.pos < item.end:
                     raise Transient(f"the body ended early, at byte {cursor.pos - base}{where}")
             except Forbidden as denied:
