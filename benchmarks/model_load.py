@@ -5,15 +5,16 @@
     then loads it three ways, in a rotated order: the floor (``safe_open`` + ``get_tensor`` of
     every key), transformers' own ``BertModel.from_pretrained`` on the snapshot (what our
     loader falls back to; for this plain checkpoint it takes its direct safetensors path,
-    ``gen_worker.injection.direct_load``), and ours (``CachedModels.load`` from a fresh ``ModelCache``, with the
-    scheduler's resolution: a warm-disk load, never a hot hit). The file is read once first,
-    so every side reads from the page cache; then the rounds run again with the file's pages
-    dropped before each side (``posix_fadvise(DONTNEED)``: a snapshot on disk but not in
-    memory, as after a restart), where the disk read is part of every side. Both safetensors
-    and our loader map the file and read nothing until a tensor is used (transformers copies
-    each tensor out), so each side is timed twice: once its tensors exist (``loaded``), and once one byte of every page of them has been read, the same way
-    for all three (``resident``: the whole file is then mapped into the process). CPU seconds
-    (every thread of this process) are shown too: on a busy machine they are steadier.
+    ``gen_worker.injection.direct_load``), and ours (``CachedModels.load`` from a fresh
+    ``ModelCache``, with the scheduler's resolution: a warm-disk load, never a hot hit). The
+    file is read once first, so every side reads from the page cache; then the rounds run again
+    with the file's pages dropped before each side (``posix_fadvise(DONTNEED)``: a snapshot on
+    disk but not in memory, as after a restart), where the disk read is part of every side.
+    Both safetensors and our loader map the file and read nothing until a tensor is used
+    (transformers copies each tensor out), so each side is timed twice: once its tensors exist
+    (``loaded``), and once one byte of every page of them has been read, the same way for all
+    three (``resident``: the whole file is then mapped into the process). CPU seconds (every
+    thread of this process) are shown too: on a busy machine they are steadier.
     Target: ours within 1.2x of the floor.
 (b) Hot hit. ``await provider.load(request)`` + ``provider.release(holder)`` for a pipeline
     already loaded, per call; then the engine: an async no-op function with one injected
