@@ -289,6 +289,16 @@ def test_compute_timestamps_are_rfc3339_utc_with_milliseconds() -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
     assert _now_rfc3339(lambda: 1_700_000_000.9999) == "2023-11-14T22:13:20.999Z"
     assert _now_rfc3339(lambda: 0.25) == "1970-01-01T00:00:00.250Z"
+    # Cached by the millisecond: the text changes with the millisecond, the second, the date.
+    for clock, text in [
+        (1_700_000_000.0001, "2023-11-14T22:13:20.000Z"),
+        (1_700_000_000.0009, "2023-11-14T22:13:20.000Z"),
+        (1_700_000_000.0011, "2023-11-14T22:13:20.001Z"),
+        (1_700_000_001.0011, "2023-11-14T22:13:21.001Z"),
+        (1_700_086_401.0011, "2023-11-15T22:13:21.001Z"),
+        (0.25, "1970-01-01T00:00:00.250Z"),
+    ]:
+        assert _now_rfc3339(lambda clock=clock: clock) == text
 
 
 # -- memory: a finished run is freed by refcounting --------------------------------------------

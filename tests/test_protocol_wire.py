@@ -101,13 +101,39 @@ def test_terminal_messages_are_protobufs_bytes(ref: m.RequestRef, seq: int) -> N
         assert same_message(wire.stream_error(seq, timing_ms=timing, **failure), error)
 
 
+@pytest.mark.parametrize("seq", [1, 5, 127])
+def test_events_at_the_one_byte_length_boundary_are_protobufs_bytes(seq: int) -> None:
+    # The usual case is written with every length as one byte; a message just past 127
+    # bytes must take the general path, and both must be protobuf's bytes.
+    ref = m.RequestRef(request_id="0123456789abcdef0123456789abcdef")
+    wire = RequestWire(ref)
+    for type_size, payload_size in itertools.product([1, 15, 60], range(0, 131, 3)):
+        event_type, payload = "t" * type_size, b"p" * payload_size
+        expected = m.JobEvent(ref=at(ref, seq), event_type=event_type, payload_json=payload)
+        assert wire.event(seq, event_type, payload) == generic(expected), (type_size, payload)
+
+
+@pytest.mark.parametrize(("ref", "seq"), list(itertools.product(REFS, SEQS)))
+def test_a_success_is_the_same_bytes_as_a_result_with_success(ref: m.RequestRef, seq: int) -> None:
+    wire = RequestWire(ref)
+    for timing, output in itertools.product(TIMINGS, [b"", b"\x81\xa1x\x07", b"o" * 300]):
+        expected = m.JobResult(ref=at(ref, seq), success=True, output=output, timing_ms=timing)
+        hand = wire.success(seq, output, timing)
+        assert hand == wire.result(seq, success=True, output=output, timing_ms=timing)
+        assert same_message(hand, expected)
+
+
 def test_a_frame_of_hand_encoded_messages_reads_back_in_order() -> None:
     wire = RequestWire(REFS[2])
     items = [wire.event(i, "request.progress", b'{"progress":0.5}') for i in range(200)]
+    items[100] = wire.delta(100, b"d" * 300)  # an item of more than 127 bytes
     items.append(wire.result(200, success=True, output=b"\x80", timing_ms={"total_ms": 2.0}))
     assert frame(items) == worker_batch_to_pb(items)
+    parsed = worker_pb2.WorkerMessage.FromString(frame(items))
+    assert [item.SerializeToString() for item in parsed.batch.items] == items
     messages = worker_messages_from_pb(frame(items))
     assert [x.ref.seq for x in messages] == list(range(201))
+    assert messages[100] == m.JobDelta(ref=at(REFS[2], 100), data=b"d" * 300)
     assert messages[-1] == m.JobResult(
         ref=at(REFS[2], 200), success=True, output=b"\x80", timing_ms={"total_ms": 2.0}
     )
@@ -183,6 +209,43 @@ def test_job_requests_with_resolved_models_or_other_messages_go_to_protobuf() ->
     assert job_request_from(scheduler_to_pb(m.Drain(reason="x"))) is None
     with pytest.raises(ProtocolError, match="malformed SchedulerMessage"):
         scheduler_from_pb(b"\x1a\x05\x0a\x09")  # a job request cut short
+
+
+received = st.builds(
+    m.Received,
+    request_id=texts,
+    attempt_epoch=st.integers(0, 2**32 - 1),
+    received_count=st.integers(-(2**63), 2**63 - 1),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(received, max_size=5))
+def test_acknowledgements_encode_and_decode_like_protobuf(entries: list[m.Received]) -> None:
+    ack = m.Ack(received=entries)
+    expected = worker_pb2.SchedulerMessage()
+    expected.ack.SetInParent()  # present even with no entry, so an empty one still decodes
+    for e in entries:
+        expected.ack.received.add(request_id=e.request_id, attempt_epoch=e.attempt_epoch,
+                                  received_count=e.received_count)  # fmt: skip
+    data = scheduler_to_pb(ack)
+    assert data == expected.SerializeToString()
+    assert scheduler_from_pb(data) == ack
+    if entries:  # the generic walk writes the same bytes (it leaves an empty Ack out)
+        assert data == _to_envelope(ack, worker_pb2.SchedulerMessage)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        m.Received(request_id="r", attempt_epoch=-1),
+        m.Received(request_id="r", attempt_epoch=2**32),
+        m.Received(request_id="r", received_count=2**63),
+    ],
+)
+def test_acknowledgements_out_of_range_fail_as_protobuf_does(entry: m.Received) -> None:
+    with pytest.raises(ValueError, match="Value out of range"):
+        scheduler_to_pb(m.Ack(received=[entry]))
 
 
 class RecordingCall:

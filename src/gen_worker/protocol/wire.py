@@ -21,9 +21,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 
-from gen_worker.protocol.messages import JobRequest, RequestRef
+from msgspec.structs import astuple
 
-__all__ = ["RequestWire", "frame", "job_request", "job_request_from", "varint"]
+from gen_worker.protocol.messages import JobRequest, Received, RequestRef
+
+__all__ = ["RequestWire", "ack", "frame", "job_request", "job_request_from", "varint"]
 
 _SMALL = [bytes((n,)) for n in range(0x80)]
 _DOUBLE = struct.Struct("<d").pack
@@ -79,23 +81,45 @@ def _uint(key: bytes, value: int) -> bytes:
 def _timing(key: bytes, timing_ms: Mapping[str, float]) -> bytes:
     """A ``map<string, double>``: one entry message (key 1, value 2) per item.
 
-    protobuf writes both fields of a map entry, even an empty key or a zero value.
+    protobuf writes both fields of a map entry, even an empty key or a zero value. Each
+    name's part of its entry (key, length, text, the value's key) is encoded once.
     """
-    parts = []
+    parts: list[bytes] = []
     for name, value in timing_ms.items():
-        entry = _length_delimited(_F1_LEN, name.encode()) + _F2_DOUBLE + _DOUBLE(value)
-        parts.append(_length_delimited(key, entry))
+        named = _TIMING_NAMES.get(name)
+        if named is None:
+            named = _timing_name(name)
+        size = len(named) + 8  # the double
+        parts += (key, _SMALL[size] if size < 0x80 else varint(size), named, _DOUBLE(value))
     return b"".join(parts)
+
+
+#: The name part of a timing entry (key 1, length, UTF-8 text, then value 2's key), by name.
+_TIMING_NAMES: dict[str, bytes] = {}
+
+
+def _timing_name(name: str) -> bytes:
+    named = _length_delimited(_F1_LEN, name.encode()) + _F2_DOUBLE
+    if len(_TIMING_NAMES) < 256:  # the engine's few names repeat; bound anything else
+        _TIMING_NAMES[name] = named
+    return named
 
 
 #: JobEvent.event_type fields already encoded, by event type.
 _EVENT_TYPES: dict[str, bytes] = {}
 
 
+def _event_type(event_type: str) -> bytes:
+    encoded = _string(_F2_LEN, event_type)
+    if len(_EVENT_TYPES) < 256:  # the lifecycle types repeat; bound custom ones
+        _EVENT_TYPES[event_type] = encoded
+    return encoded
+
+
 class RequestWire:
     """Serialized ``WorkerMessage`` envelopes for the outcomes of one request."""
 
-    __slots__ = ("_ref_head", "_ref_seq0")
+    __slots__ = ("_ref_head", "_ref_seq0", "_ref_short", "_ref_short_size")
 
     def __init__(self, ref: RequestRef) -> None:
         # RequestRef without seq: request_id (1), item_id (2), attempt_epoch (3); then seq (4).
@@ -106,45 +130,39 @@ class RequestWire:
         )
         self._ref_head = head + _F4_VARINT
         self._ref_seq0 = _length_delimited(_F1_LEN, head)  # seq 0 is not written
-
-    # The varints below are inlined for the one-byte case (lengths and seqs under 128): at a
-    # few per message, the function calls were most of the cost.
+        # A seq of 1 to 127 (nearly every outcome) is one byte: the reference is this prefix
+        # (its length already counts that byte) followed by the seq.
+        self._ref_short = _F1_LEN + varint(len(head) + 2) + self._ref_head
+        self._ref_short_size = len(self._ref_short) + 1
 
     def _ref(self, seq: int) -> bytes:
+        if 0 < seq < 0x80:
+            return self._ref_short + _SMALL[seq]
         if not seq:
             return self._ref_seq0
-        body = self._ref_head + (_SMALL[seq] if seq < 0x80 else varint(seq))
-        size = len(body)
-        return _F1_LEN + (_SMALL[size] if size < 0x80 else varint(size)) + body
+        body = self._ref_head + varint(seq)
+        return _F1_LEN + varint(len(body)) + body
 
     def event(self, seq: int, event_type: str, payload_json: bytes) -> bytes:
         """``WorkerMessage{job_event: JobEvent{ref, event_type, payload_json}}``."""
         encoded_type = _EVENT_TYPES.get(event_type)
         if encoded_type is None:
-            encoded_type = _string(_F2_LEN, event_type)
-            if len(_EVENT_TYPES) < 256:  # the lifecycle types repeat; bound custom ones
-                _EVENT_TYPES[event_type] = encoded_type
-        if seq:  # the reference, as in _ref (inlined: the hottest call of the worker)
-            ref = self._ref_head + (_SMALL[seq] if seq < 0x80 else varint(seq))
-            size = len(ref)
-            ref = _F1_LEN + (_SMALL[size] if size < 0x80 else varint(size)) + ref
-        else:
-            ref = self._ref_seq0
+            encoded_type = _event_type(event_type)
         size = len(payload_json)
+        if 0 < seq < 0x80 and size < 0x80:
+            # The usual case, written as one join with the lengths added up here: every
+            # length is one byte (the hottest call of the worker: nine per request).
+            body = self._ref_short_size + len(encoded_type) + (size + 2 if size else 0)
+            if body < 0x80:
+                ref = self._ref_short
+                if size:
+                    return b"".join((_JOB_EVENT, _SMALL[body], ref, _SMALL[seq], encoded_type,
+                                     _F3_LEN, _SMALL[size], payload_json))  # fmt: skip
+                return b"".join((_JOB_EVENT, _SMALL[body], ref, _SMALL[seq], encoded_type))
+        data = self._ref(seq) + encoded_type
         if size:
-            body = b"".join(
-                (
-                    ref,
-                    encoded_type,
-                    _F3_LEN,
-                    _SMALL[size] if size < 0x80 else varint(size),
-                    payload_json,
-                )
-            )
-        else:
-            body = ref + encoded_type
-        size = len(body)
-        return _JOB_EVENT + (_SMALL[size] if size < 0x80 else varint(size)) + body
+            data += _length_delimited(_F3_LEN, payload_json)
+        return _length_delimited(_JOB_EVENT, data)
 
     def delta(self, seq: int, data: bytes) -> bytes:
         """``WorkerMessage{job_delta: JobDelta{ref, data}}``."""
@@ -156,6 +174,13 @@ class RequestWire:
             body = self._ref(seq)
         size = len(body)
         return _JOB_DELTA + (_SMALL[size] if size < 0x80 else varint(size)) + body
+
+    def success(self, seq: int, output: bytes, timing_ms: Mapping[str, float]) -> bytes:
+        """``result(seq, success=True, output=output, timing_ms=timing_ms)``, the usual one."""
+        output_field = _bytes(_F3_LEN, output)
+        timing = _timing(_F8_LEN, timing_ms)
+        body = b"".join((self._ref(seq), _F2_VARINT, _TRUE, output_field, timing))
+        return _JOB_RESULT + varint(len(body)) + body
 
     def result(
         self,
@@ -213,10 +238,39 @@ class RequestWire:
         return _STREAM_ERROR + varint(len(body)) + body
 
 
+#: An item's key and one-byte length, by length (nearly every outcome is under 128 bytes).
+_ITEM_HEADS = [_ITEM + _SMALL[size] for size in range(0x80)]
+
+
 def frame(encoded: list[bytes]) -> bytes:
     """One ``WorkerMessage`` frame holding several serialized ``WorkerMessage``s, in order."""
-    inner = b"".join([_ITEM + varint(len(item)) + item for item in encoded])
+    parts: list[bytes] = []
+    for item in encoded:
+        size = len(item)
+        parts += (_ITEM_HEADS[size] if size < 0x80 else _ITEM + varint(size), item)
+    inner = b"".join(parts)
     return _BATCH + varint(len(inner)) + inner
+
+
+# -- the scheduler's acknowledgements (a few a second, one entry per request) ------------------
+
+_ACK = _key(2, 2)  # SchedulerMessage.ack
+
+
+def ack(received: list[Received]) -> bytes | None:
+    """``SchedulerMessage{ack: Ack{received}}``; None when a number is out of its field's range
+    (protobuf raises for those)."""
+    parts = []
+    for r in received:
+        attempt, count = r.attempt_epoch, r.received_count
+        if not (0 <= attempt <= 0xFFFFFFFF and -(1 << 63) <= count < 1 << 63):
+            return None
+        body = _string(_F1_LEN, r.request_id) + _uint(_F2_VARINT, attempt)
+        if count:
+            body += _F3_VARINT + varint(count & _U64)
+        parts.append(_length_delimited(_F1_LEN, body))
+    inner = b"".join(parts)
+    return _ACK + varint(len(inner)) + inner
 
 
 # -- the job request (scheduler -> worker), one per request ----------------------------------
@@ -248,17 +302,28 @@ _JOB_KEYS = {
     name: (_key(number, 0 if kind >= _INT64 else 2), kind)
     for number, (name, kind) in _JOB_FIELDS.items()
 }
+#: (position in JobRequest's fields, key, kind) in field number order, for the encoder.
+_JOB_PLAN = [
+    (JobRequest.__struct_fields__.index(name), key, kind) for name, (key, kind) in _JOB_KEYS.items()
+]
+_RESOLVED_MODELS = JobRequest.__struct_fields__.index("resolved_models")
+#: (name, kind) by the whole key (field number and the wire type its kind is written with).
+_JOB_BY_KEY = {
+    (number << 3) | (0 if kind >= _INT64 else 2): (name, kind)
+    for number, (name, kind) in _JOB_FIELDS.items()
+}
 _JOB_REQUEST = _key(3, 2)  # SchedulerMessage.job_request
 _U64 = (1 << 64) - 1
 
 
 def job_request(job: JobRequest) -> bytes | None:
     """``SchedulerMessage{job_request: ...}``; None when it carries resolved models."""
-    if job.resolved_models:
+    values = astuple(job)  # every field at once, in declaration order
+    if values[_RESOLVED_MODELS]:
         return None
     parts = []
-    for name, (key, kind) in _JOB_KEYS.items():
-        value = getattr(job, name)
+    for index, key, kind in _JOB_PLAN:
+        value = values[index]
         if not value:
             continue  # proto3 leaves defaults out
         if kind == _STR:
@@ -301,10 +366,6 @@ def _as_int(value: int, kind: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-class _Unhandled(Exception):
-    """Bytes this decoder leaves to protobuf."""
-
-
 def job_request_from(data: bytes) -> JobRequest | None:
     """The JobRequest of a serialized ``SchedulerMessage``, decoded by hand.
 
@@ -313,41 +374,49 @@ def job_request_from(data: bytes) -> JobRequest | None:
     """
     try:
         if data[:1] != _JOB_REQUEST:
-            raise _Unhandled
+            return None
         size, pos = _read_varint(data, 1)
-        if pos + size != len(data):
-            raise _Unhandled  # more than the job request in the envelope
+        end = len(data)
+        if pos + size != end:
+            return None  # more than the job request in the envelope
         fields: dict[str, object] = {"request_id": "", "function_name": ""}
         models: list[str] = []
-        while pos < len(data):
-            pos = _read_job_field(data, pos, fields, models)
-    except (_Unhandled, IndexError, ValueError):  # UnicodeDecodeError is a ValueError
+        while pos < end:
+            pos = _read_job_field(data, pos, end, fields, models)
+    except (LookupError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
     return JobRequest(required_models=models, **fields)  # type: ignore[arg-type]  # by table
 
 
-def _read_job_field(data: bytes, pos: int, fields: dict[str, object], models: list[str]) -> int:
-    key, pos = _read_varint(data, pos)
-    field = _JOB_FIELDS.get(key >> 3)
-    if field is None:
-        raise _Unhandled
-    name, kind = field
-    if kind >= _INT64:
-        if key & 7 != 0:
-            raise _Unhandled
-        value, pos = _read_varint(data, pos)
-        fields[name] = _as_int(value, kind)
-        return pos
-    if key & 7 != 2:
-        raise _Unhandled
-    size, pos = _read_varint(data, pos)
-    raw = data[pos : pos + size]
-    if len(raw) != size:
-        raise _Unhandled
-    if kind == _BYTES:
-        fields[name] = raw
-    elif kind == _STR:
-        fields[name] = raw.decode()
+def _read_job_field(
+    data: bytes, pos: int, end: int, fields: dict[str, object], models: list[str]
+) -> int:
+    """Read the field at ``pos`` into ``fields`` (or ``models``); where the next one starts.
+
+    One-byte keys, lengths and numbers (nearly all of them) are read inline.
+    """
+    key = data[pos]
+    if key < 0x80:
+        pos += 1
     else:
-        models.append(raw.decode())
-    return pos + size
+        key, pos = _read_varint(data, pos)
+    # By the whole key: an unknown field, resolved models or a wrong wire type is not there.
+    name, kind = _JOB_BY_KEY[key]  # KeyError: the caller steps aside, as for IndexError
+    value = data[pos]
+    if value < 0x80:
+        pos += 1
+    else:
+        value, pos = _read_varint(data, pos)
+    if kind >= _INT64:
+        fields[name] = _as_int(value, kind)  # a varint field: that was its value
+        return pos
+    stop = pos + value  # a length-delimited field: that was its length
+    if stop > end:
+        raise ValueError("a field runs past the end of the message")
+    if kind == _BYTES:
+        fields[name] = data[pos:stop]
+    elif kind == _STR:
+        fields[name] = data[pos:stop].decode()
+    else:
+        models.append(data[pos:stop].decode())
+    return stop

@@ -273,20 +273,23 @@ class WorkerCore:
     def _on_outcomes(self, event: ct.OutcomesProduced) -> list[ct.Action]:
         if not event.items:
             return []
-        req = self._requests.setdefault((event.request_id, event.attempt), ct.RequestRecord())
-        buffered = req.outcomes
+        items = event.items
+        key = (event.request_id, event.attempt)
+        req = self._requests.get(key)
+        if req is None:
+            req = self._requests[key] = ct.RequestRecord()
         order = self._produced
-        for seq, payload in event.items:
-            buffered.append(ct.BufferedOutcome(seq, payload, order))
-            order += 1
-        self._produced = order
+        buffer = ct.BufferedOutcome
+        req.outcomes += [buffer(seq, payload, n) for n, (seq, payload) in enumerate(items, order)]
+        self._produced = order + len(items)
+        last_seq, last = items[-1]
         if event.terminal:
             req.has_terminal = True
-            req.terminal = event.items[-1][1]
+            req.terminal = last
         if self._link is not ct.Link.REGISTERED:
             return []  # kept for the resume after the next acknowledged registration
-        req.last_sent = event.items[-1][0]
-        return [ct.Send(tuple(payload for _, payload in event.items))]
+        req.last_sent = last_seq
+        return [ct.Send(tuple([payload for _, payload in items]))]
 
     def _trim(self, key: ct.RequestKey, through_seq: int) -> None:
         req = self._requests.get(key)

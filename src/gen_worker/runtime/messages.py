@@ -13,7 +13,17 @@ from typing import Any
 import msgspec
 
 from gen_worker.discovery import EndpointLock
-from gen_worker.engine import Delta, Event, Failure, Log, Outcome, Progress, Result
+from gen_worker.engine import (
+    Codec,
+    Delta,
+    Event,
+    Failure,
+    Log,
+    Outcome,
+    Progress,
+    RequestMeta,
+    Result,
+)
 from gen_worker.protocol import messages as m
 from gen_worker.protocol.wire import RequestWire
 
@@ -23,9 +33,11 @@ __all__ = [
     "function_infos",
     "heartbeat",
     "host_info",
+    "job_failure",
     "model_unsupported",
     "outcome_message",
     "registration",
+    "request_meta",
 ]
 
 _encode = msgspec.json.Encoder().encode
@@ -46,20 +58,23 @@ class OutcomeEncoder:
         self._streaming = streaming
 
     def encode_batch(self, batch: list[Outcome], delta_count: int) -> tuple[tuple[int, bytes], ...]:
-        """``(seq, message)`` for each outcome, in order (events and deltas inlined)."""
+        """``(seq, message)`` for each outcome, in order (events, deltas, results inlined)."""
         wire = self._wire
         event = wire.event
         out: list[tuple[int, bytes]] = []
         append = out.append
+        outcome: Any  # told apart by exact type below, the cheapest check
         for outcome in batch:
-            if type(outcome) is Event:
-                append(
-                    (outcome.seq, event(outcome.seq, outcome.event_type, _encode(outcome.payload)))
-                )
-            elif type(outcome) is Delta:
-                append((outcome.seq, wire.delta(outcome.seq, outcome.data)))
+            kind = type(outcome)
+            seq = outcome.seq
+            if kind is Event:
+                append((seq, event(seq, outcome.event_type, _encode(outcome.payload))))
+            elif kind is Delta:
+                append((seq, wire.delta(seq, outcome.data)))
+            elif kind is Result and not self._streaming:
+                append((seq, wire.success(seq, outcome.output, outcome.timing_ms)))
             else:
-                append((outcome.seq, self.encode(outcome, delta_count)))
+                append((seq, self.encode(outcome, delta_count)))
         return tuple(out)
 
     def encode(self, outcome: Outcome, delta_count: int = 0) -> bytes:
@@ -99,6 +114,28 @@ class OutcomeEncoder:
             error_message=outcome.error_message,
             timing_ms=outcome.timing_ms,
         )
+
+
+def request_meta(job: m.JobRequest) -> RequestMeta:
+    """What the engine needs to know about a job request besides its payload."""
+    return RequestMeta(
+        request_id=job.request_id, job_id=job.job_id or None, owner=job.owner or None,
+        invoker_id=job.invoker_id or None, parent_request_id=job.parent_request_id or None,
+        child_request_id=job.child_request_id or None, item_id=job.item_id or None,
+        item_index=job.item_index if job.item_id else None,
+        timeout_ms=job.timeout_ms or None, required_models=tuple(job.required_models),
+        codec=Codec.MSGPACK, file_base_url=job.file_base_url or None,
+        resolved_models={r.ref: r for r in job.resolved_models},
+        file_token=job.file_token or None,
+    )  # fmt: skip
+
+
+def job_failure(ref: m.RequestRef, error_type: str, text: str) -> m.JobResult:
+    """The result of a job request that failed before it ran (``retryable`` ones may go to
+    another worker)."""
+    retryable = error_type == "retryable"
+    return m.JobResult(ref=ref, error_type=error_type, retryable=retryable, safe_message=text,
+                       error_message=text)  # fmt: skip
 
 
 def outcome_message(

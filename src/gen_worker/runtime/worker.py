@@ -26,12 +26,14 @@ from gen_worker.protocol import messages as m
 from gen_worker.runtime import core_types as ct
 from gen_worker.runtime.batches import BatchPlan, batch_result, plan_batch, pump_batch
 from gen_worker.runtime.core import WorkerCore
-from gen_worker.runtime.link import CLOSE, Link, closed_event
+from gen_worker.runtime.link import CLOSE, Heartbeat, InlineRun, Link, closed_event
 from gen_worker.runtime.messages import (
     OutcomeEncoder,
     heartbeat,
+    job_failure,
     model_unsupported,
     registration,
+    request_meta,
 )
 from gen_worker.runtime.models import WorkerModels, availability_changes
 from gen_worker.transport.stream import StreamClosed, WorkerStream, connect
@@ -82,7 +84,7 @@ class Worker:
         self._connect = connect_stream
         self._link: Link | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._heartbeat = Heartbeat(self._heartbeat_message, self._write)
         self._runs: dict[ct.RequestKey, RequestRun] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._disabled: set[str] = set()
@@ -90,7 +92,7 @@ class Worker:
         # The reader runs the job request it just read itself (see _reader): set while it
         # handles one message, and the run it is to execute.
         self._inline_ok = False
-        self._inline: RequestRun | None = None
+        self._inline: InlineRun | None = None
         self._exit: asyncio.Future[int] | None = None
         self.canceled = 0
         #: Requests that finished successfully while draining (the drain result reports it).
@@ -153,9 +155,7 @@ class Worker:
         # Each case is an isinstance check, tried in order: the per-request actions first.
         match action:
             case ct.Send(payloads=payloads):
-                link = self._link
-                if link is not None and not link.closed:
-                    link.outbox.extend(payloads)
+                self._send(payloads, wake=True)
             case ct.StartJob(request_id=rid, attempt=attempt, payload=m.JobRequest() as job):
                 self._start_job((rid, attempt), job)
             case ct.Dial(address=address):
@@ -165,9 +165,9 @@ class Worker:
             case ct.SendRegistration(assignments=assignments):
                 self._write(self._registration(assignments))
             case ct.StartHeartbeat(interval_s=interval):
-                self._start_heartbeat(interval)
+                self._heartbeat.start(interval)
             case ct.StopHeartbeat():
-                self._stop_heartbeat()
+                self._heartbeat.stop()
             case ct.ArmWatchdog(timeout_s=timeout):
                 self._timer("watchdog", timeout, ct.RegisterTimedOut())
             case ct.DisarmWatchdog():
@@ -178,7 +178,9 @@ class Worker:
             case ct.ReplayResult(payload=payload):
                 self._write(payload)
             case ct.RejectJob(request_id=rid, attempt=attempt, reason=reason):
-                self._write(self._rejection(rid, attempt, reason))
+                text = f"this worker is {reason}; retry on another worker"
+                ref = m.RequestRef(request_id=rid, attempt_epoch=attempt)
+                self._write(job_failure(ref, "retryable", text))
             case ct.CancelJob(request_id=rid, attempt=attempt):
                 self._cancel((rid, attempt))
             case ct.CancelAllJobs():
@@ -221,6 +223,11 @@ class Worker:
         if link is not None and not link.closed:
             link.outbox.put(message)
 
+    def _send(self, payloads: tuple[Any, ...], *, wake: bool) -> None:
+        link = self._link
+        if link is not None and not link.closed:
+            link.outbox.extend(payloads, wake=wake)
+
     async def _writer(self, link: Link) -> None:
         while True:
             await link.outbox.wait()
@@ -237,64 +244,88 @@ class Worker:
                 return
 
     async def _reader(self, link: Link) -> None:
-        """Read and handle the scheduler's messages, until a job request hands over.
+        """Read and handle the scheduler's messages; a job request's run is executed here,
+        without a task of its own (see _execute)."""
+        while True:
+            inline: InlineRun | None = None
+            try:
+                while inline is None:
+                    inline = self._on_read(await link.stream.read())
+            except StreamClosed as exc:
+                await self._drop(link, exc)
+                return
+            except Exception as exc:  # a malformed message: the stream cannot be trusted
+                await self._drop(link, StreamClosed("broken", f"{type(exc).__name__}: {exc}"))
+                return
+            if not await self._execute(link, inline):
+                return  # another task reads now (the run had to wait), or the stream is gone
 
-        A job request's run is executed by the reader task itself, without a task of its own:
-        the reader passes the reading on to a new task and runs the request right away. A
-        no-op request then ends, and its answer is written, in the very step its request
-        arrived in; the next read (a costly grpc call) is issued after that, not before.
-        """
-        run: RequestRun | None = None
-        try:
-            while run is None:
-                run = self._on_read(await link.stream.read())
-        except StreamClosed as exc:
-            await self._drop(link, exc)
-            return
-        except Exception as exc:  # a malformed message: the stream cannot be trusted any more
-            await self._drop(link, StreamClosed("broken", f"{type(exc).__name__}: {exc}"))
-            return
-        await self._hand_over(link, run)
-
-    def _on_read(self, message: m.SchedulerMessage) -> RequestRun | None:
+    def _on_read(self, message: m.SchedulerMessage) -> InlineRun | None:
         """Handle one message; the run the reader is to execute, if it started one."""
         self._inline_ok = True
         try:
             self._on_message(message)
         except BaseException:
-            run, self._inline = self._inline, None
-            if run is not None:  # started before the failure: it still runs, in its own task
-                self._spawn(run.execute())
+            inline, self._inline = self._inline, None
+            if inline is not None:  # started before the failure: it still runs, in its own task
+                inline.attach()
+                self._spawn(inline.run.execute())
             raise
         finally:
             self._inline_ok = False
-        run, self._inline = self._inline, None
-        return run
+        inline, self._inline = self._inline, None
+        return inline
 
-    async def _hand_over(self, link: Link, run: RequestRun) -> None:
-        """Pass the reading to a new task, then run ``run`` in this one."""
+    async def _execute(self, link: Link, inline: InlineRun) -> bool:
+        """Execute the run in this task and write its answer from here; whether this task
+        reads on. A no-op request thus ends, and its answer is written, in the very step its
+        request arrived in, with no task, flush callback or writer wake-up of its own, and
+        its JobStopped reaches the core once the answer is on its way."""
         me = asyncio.current_task()
         assert me is not None
-        if link.reader is me and not link.closed:
-            # The next reader's first step (the next read) runs after this step, in which a
-            # short run ends and its answer is written; a stream that breaks meanwhile
-            # cancels that reader, not this run.
-            link.reader = asyncio.create_task(self._reader(link))
+        link.reader = None  # a stream that breaks under the run has no reader to cancel
+        inline.executing = True
+        asyncio.get_running_loop().call_soon(inline.first_wait, self._read_elsewhere, link)
         self._tasks.add(me)  # canceled at teardown like any spawned task
         try:
-            await run.execute()
-            # A short run has ended within this very step, its answer queued: write it from
-            # here, an iteration before the writer task would. The stream's write lock keeps
-            # the order (whoever takes from the outbox first also locks first).
-            await self._write_now()
+            await inline.run.execute()
+            inline.executing = False
+            batch = inline.take()
+            if batch:
+                inline.sink(batch, quiet=True)
+            # Written from here, an iteration before the writer task would; the stream's write
+            # lock keeps the order (whoever takes from the outbox first also locks first).
+            link.answering(self._read_elsewhere)
+            try:
+                await self._write_now()
+            finally:
+                link.answered()
         finally:
             self._tasks.discard(me)
+            if inline.executing:  # execute() raised (a teardown): the rest goes the usual way
+                inline.executing = False
+                inline.attach()
+            if inline.stopped:
+                self._on_run_stopped(inline.key, inline.run, None)
+        if link.reader is None and not link.closed:
+            link.reader = me
+            return True
+        return False
+
+    def _read_elsewhere(self, link: Link) -> None:
+        """A new task reads while the reader task is held up (in a run that waits, or in a
+        slow write of an answer)."""
+        if link.reader is None and not link.closed:
+            link.reader = asyncio.create_task(self._reader(link))
 
     async def _write_now(self) -> None:
         link = self._link
-        if link is None or link.closed or link.writing.locked():
+        if link is None or link.closed:
+            return
+        if link.writing.locked():
             # A write is in flight: the writer sends ours after it, with whatever else queues
             # up meanwhile, as one frame (fewer, larger writes when busy).
+            link.outbox.wake()
             return
         async with link.writing:  # free, so taken without waiting: nothing can come between
             try:
@@ -421,53 +452,55 @@ class Worker:
         if spec is None or spec.name in self._disabled:
             why = "is disabled" if spec is not None else "does not exist on this worker"
             text = f"function {job.function_name!r} {why}"
-            failure = m.JobResult(
-                ref=ref, error_type="validation", safe_message=text, error_message=text
-            )
-            self.handle(ct.OutcomeProduced(key[0], key[1], 0, True, failure))
-            self.handle(ct.JobStopped(key[0], key[1]))
+            self._refuse(key, job_failure(ref, "validation", text))
             return
-        meta = RequestMeta(
-            request_id=job.request_id, job_id=job.job_id or None, owner=job.owner or None,
-            invoker_id=job.invoker_id or None, parent_request_id=job.parent_request_id or None,
-            child_request_id=job.child_request_id or None, item_id=job.item_id or None,
-            item_index=job.item_index if job.item_id else None,
-            timeout_ms=job.timeout_ms or None, required_models=tuple(job.required_models),
-            codec=Codec.MSGPACK, file_base_url=job.file_base_url or None,
-            resolved_models={r.ref: r for r in job.resolved_models},
-            file_token=job.file_token or None,
-        )  # fmt: skip
+        meta = request_meta(job)
         inline = self._inline_ok and self._inline is None
         try:
             run = self.engine.start(spec, job.payload, meta, own_task=not inline)
         except Exception as exc:  # e.g. the same request id is still stopping from an attempt
-            failure = m.JobResult(ref=ref, error_type="retryable", retryable=True,
-                                  safe_message=str(exc), error_message=str(exc))  # fmt: skip
-            self.handle(ct.OutcomeProduced(key[0], key[1], 0, True, failure))
-            self.handle(ct.JobStopped(key[0], key[1]))
+            self._refuse(key, job_failure(ref, "retryable", str(exc)))
             return
         self._runs[key] = run
         # Pushed, not pulled: the run's outcomes come to _on_outcomes in batches (from a loop
         # callback, or at once as the run ends; no reader task per request) and are encoded
-        # for the wire right there.
+        # for the wire right there. The reader executes an inline run and attaches its sink
+        # only if it has to wait (see _execute).
         encoder = OutcomeEncoder(ref, streaming=spec.is_streaming)
-        run.channel.attach(functools.partial(self._on_outcomes, key, run, encoder))
-        run.on_stopped(functools.partial(self._on_run_stopped, key, run))
+        sink = functools.partial(self._on_outcomes, key, run, encoder)
         if inline:
-            self._inline = run  # the reader executes it
+            self._inline = InlineRun(key, run, sink)
+        else:
+            run.channel.attach(sink)
+        run.on_stopped(
+            functools.partial(self._on_run_stopped, key, run, self._inline if inline else None)
+        )
 
-    def _on_outcomes(
-        self, key: ct.RequestKey, run: RequestRun, encoder: OutcomeEncoder, batch: list[Outcome]
-    ) -> None:
+    def _refuse(self, key: ct.RequestKey, failure: m.JobResult) -> None:
+        """Answer a job request that never ran: its one outcome, and it is over."""
+        self.handle(ct.OutcomeProduced(key[0], key[1], 0, True, failure))
+        self.handle(ct.JobStopped(key[0], key[1]))
+
+    def _on_outcomes(self, key: ct.RequestKey, run: RequestRun, encoder: OutcomeEncoder,
+                     batch: list[Outcome], *, quiet: bool = False) -> None:  # fmt: skip
         channel = run.channel
         items = encoder.encode_batch(batch, channel.delta_count)
         last = batch[-1]
         terminal = last is channel.terminal
         if terminal and self.core.draining and isinstance(last, Result):
             self.completed += 1
-        self.handle(ct.OutcomesProduced(key[0], key[1], items, terminal))
+        for action in self.core.handle(ct.OutcomesProduced(key[0], key[1], items, terminal)):
+            if quiet and type(action) is ct.Send:
+                self._send(action.payloads, wake=False)  # the caller writes them right away
+            else:
+                self._do(action)
 
-    def _on_run_stopped(self, key: ct.RequestKey, run: RequestRun) -> None:
+    def _on_run_stopped(
+        self, key: ct.RequestKey, run: RequestRun, inline: InlineRun | None
+    ) -> None:
+        if inline is not None and inline.executing:
+            inline.stopped = True  # _execute reports it once the outcomes are handed over
+            return
         # The core must have the terminal outcome before it hears that the run stopped. It
         # usually has (the channel hands the terminal over as it is posted); if a flush is
         # still to come, go after it (call_soon is FIFO).
@@ -504,13 +537,6 @@ class Worker:
         if run is not None and run.cancel():
             self.canceled += 1
 
-    def _rejection(self, rid: str, attempt: int, reason: str) -> m.JobResult:
-        text = f"this worker is {reason}; retry on another worker"
-        ref = m.RequestRef(request_id=rid, attempt_epoch=attempt)
-        return m.JobResult(
-            ref=ref, error_type="retryable", retryable=True, safe_message=text, error_message=text
-        )
-
     # -- registration and heartbeats ------------------------------------------------------------
 
     def _registration(self, assignments: tuple[ct.Assignment, ...]) -> m.WorkerRegistration:
@@ -523,21 +549,6 @@ class Worker:
         active = [m.Assignment(request_id=rid, attempt_epoch=att) for rid, att in self.core.active]
         models = self.models.inventory() if self.models else None
         return heartbeat(slots, active, draining=self.core.draining, models=models)
-
-    def _start_heartbeat(self, interval_s: float) -> None:
-        self._stop_heartbeat()
-
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(interval_s)
-                self._write(self._heartbeat_message())
-
-        self._heartbeat = asyncio.create_task(beat())
-
-    def _stop_heartbeat(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            self._heartbeat = None
 
     def _on_registered(self) -> None:
         """The first acknowledged registration: report the startup phases held until now."""
@@ -567,7 +578,7 @@ class Worker:
     async def _teardown(self) -> None:
         for timer in self._timers.values():
             timer.cancel()
-        self._stop_heartbeat()
+        self._heartbeat.stop()
         link = self._link
         if link is not None:
             # The writer ends by itself after sending what was queued before the close marker

@@ -228,10 +228,15 @@ class MockScheduler:
             **job,
         )
         conn = self._pick(worker_id)
-        record = RequestRecord(job=request, worker_id=conn.worker_id)
-        self.records.setdefault(record.key, record)
-        await self.send(request, conn.worker_id)  # if disconnected, re-sent after it registers
-        return self.records[record.key]
+        key = (request.request_id, request.attempt_epoch)
+        record = self.records.get(key)
+        if record is None:
+            record = self.records[key] = RequestRecord(job=request, worker_id=conn.worker_id)
+        session = conn.session
+        if session is not None:  # if disconnected, re-sent after it registers
+            with contextlib.suppress(Exception):  # the stream died under us: the same
+                await session.send(request)
+        return record
 
     async def submit_batch(
         self, function_name: str, payloads: list[bytes], *, worker_id: str | None = None
@@ -354,14 +359,29 @@ class MockScheduler:
 
     def _receive_all(self, conn: WorkerConnection, messages: list[Any]) -> None:
         listener = self.listener
+        worker_id = conn.worker_id
+        # A frame is usually the outcomes of one request: its record and its acknowledgement
+        # are looked up once for a run of messages about the same request.
+        last: tuple[str, int] | None = None
+        record: RequestRecord | None = None
         for message in messages:
             if listener is not None:
-                listener(conn.worker_id, message)
+                listener(worker_id, message)
             terminal = _REQUEST_MESSAGES.get(type(message))
-            if terminal is not None:
-                self._record(conn, message, terminal)
-            else:
+            if terminal is None:
                 self._receive_other(conn, message)
+                continue
+            ref = message.ref
+            key = (ref.request_id, ref.attempt_epoch)
+            if key != last:
+                last = key
+                record = self.records.get(key)
+                if record is not None:
+                    self._acknowledge(worker_id, key)
+            if record is None:
+                self.orphans.append(message)
+            else:
+                self._add(record, ref.seq, message, terminal)
 
     def _receive_other(self, conn: WorkerConnection, message: Any) -> None:
         if isinstance(message, m.BatchResult):
@@ -386,15 +406,22 @@ class MockScheduler:
         if record is None:
             self.orphans.append(message)
             return
-        dirty = self._dirty.get(conn.worker_id)
-        if dirty is None:
-            dirty = self._dirty[conn.worker_id] = set()
+        self._acknowledge(conn.worker_id, key)
+        self._add(record, ref.seq, message, terminal)
+
+    def _acknowledge(self, worker_id: str, key: tuple[str, int]) -> None:
         # Acknowledged either way: a resend means our acknowledgement was lost.
+        dirty = self._dirty.get(worker_id)
+        if dirty is None:
+            dirty = self._dirty[worker_id] = set()
         dirty.add(key)
-        if ref.seq in record.outcomes:
+
+    @staticmethod
+    def _add(record: RequestRecord, seq: int, message: Any, terminal: bool) -> None:
+        if seq in record.outcomes:
             record.duplicates += 1
             return
-        record.add(ref.seq, message)
+        record.add(seq, message)
         if terminal:
             if record.terminal is None:
                 record.terminal = message
