@@ -24,6 +24,8 @@ class LoadResult:
     errors: int
     seconds: float
     latencies: list[float]  # seconds, sorted
+    #: Every answer read, warm-up included (what the server's CPU time was spent on).
+    answered: int = 0
 
     @property
     def rps(self) -> float:
@@ -65,6 +67,7 @@ class _Window:
     end: float  # no request starts at or after this
     latencies: list[float]
     errors: int = 0
+    answered: int = 0
 
 
 async def _connection(host: str, port: int, request: bytes, window: _Window) -> None:
@@ -74,6 +77,7 @@ async def _connection(host: str, port: int, request: bytes, window: _Window) -> 
             writer.write(request)
             status = await _read_response(reader)
             t1 = time.perf_counter()
+            window.answered += 1
             if t0 >= window.start:
                 window.latencies.append(t1 - t0)
                 window.errors += status != 200
@@ -96,7 +100,9 @@ async def _run(
     except TimeoutError:
         raise RuntimeError(f"the server stopped answering (no result within {limit:g} s)") from None
     window.latencies.sort()
-    return LoadResult(len(window.latencies), window.errors, seconds, window.latencies)
+    return LoadResult(
+        len(window.latencies), window.errors, seconds, window.latencies, window.answered
+    )
 
 
 def run_load(

@@ -2,9 +2,17 @@
 
 The floor is a bare Starlette app on uvicorn (same settings: log level warning, no access log,
 lifespan on, one process) whose one route reads the body, decodes it with msgspec and answers
-the same-shaped JSON. The runner serves a sync (``noop``) and an async (``anoop``) no-op; the
+the same JSON as the runner (its nine lifecycle events and timings included, so both write the
+same bytes). The runner serves a sync (``noop``) and an async (``anoop``) no-op; the
 ratio runner/bare of requests per second is what gen-worker costs per request. Rows alternate
-(bare, sync, async) so machine noise hits all alike. Run: `uv run python benchmarks/dev_runner.py`.
+(bare, sync, async) so machine noise hits all alike.
+
+The bare app runs every request at once; the runner runs at most ``WORKER_MAX_CONCURRENCY``
+(default 1, the endpoint's own limit), so it is started with ``--limit`` (default 16, the
+highest concurrency measured) to compare the cost per request rather than the queueing a limit
+of 1 imposes at c=16 by design (``--limit 1`` shows that). A sync function also pays a hand-off
+to a worker thread and back, which the async floor does not do at all.
+Run: `uv run python benchmarks/dev_runner.py [--limit 16]`.
 """
 
 from __future__ import annotations
@@ -89,10 +97,27 @@ class Answer(msgspec.Struct):
 
 decoder = msgspec.json.Decoder(In)
 
+# The runner's answer carries the request's lifecycle events and timings: the floor answers
+# the same JSON, so both write the same bytes.
+EVENTS = [
+    {"seq": 0, "type": "request.received", "payload": {"function_name": "noop"}},
+    {"seq": 1, "type": "request.started", "payload": {"function_name": "noop"}},
+    {"seq": 2, "type": "metrics.compute.started", "payload": {"at": "2026-01-01T00:00:00.000Z"}},
+    {"seq": 3, "type": "request.inference.started"},
+    {"seq": 4, "type": "request.inference.completed", "payload": {"ms": 0.026}},
+    {"seq": 5, "type": "metrics.inference", "payload": {"ms": 0.026}},
+    {"seq": 6, "type": "metrics.job", "payload": {"schema_version": 1, "function_name": "noop",
+     "models": {}, "queue_ms": 0.002, "inference_ms": 0.026}},
+    {"seq": 7, "type": "metrics.compute.completed", "payload": {"at": "2026-01-01T00:00:00.000Z"}},
+    {"seq": 8, "type": "request.completed", "payload": {"function_name": "noop"}},
+]
+TIMING = {"queue_ms": 0.0024649998522363603, "inference_ms": 0.026440000510774553,
+          "total_ms": 0.16324600073858164}
+
 
 async def noop(request):
     payload = decoder.decode(await request.body())
-    answer = Answer(uuid.uuid4().hex, True, Out(x=payload.x))
+    answer = Answer(uuid.uuid4().hex, True, Out(x=payload.x), events=EVENTS, timing_ms=TIMING)
     return Response(msgspec.json.encode(answer), media_type="application/json")
 
 
@@ -157,8 +182,8 @@ def wait_for_url(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
     raise SystemExit(f"server {proc.args!r} did not start (exit code {proc.poll()})")
 
 
-def start(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start(argv: list[str], limit: int) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WORKER_MAX_CONCURRENCY": str(limit)}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
     return proc, wait_for_url(proc)
 
@@ -189,28 +214,42 @@ class Row:
     p50: float
     p99: float
     errors: int
+    cpu_us: float  # the server's CPU time per answered request (steadier than req/s here)
 
 
-def measure(urls: dict[str, str], args: argparse.Namespace) -> list[Row]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (NaN where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(urls: dict[str, str], pids: dict[str, int], args: argparse.Namespace) -> list[Row]:
     """Every (concurrency, target) ``args.rounds`` times, alternating targets; medians."""
-    runs: dict[tuple[int, Target], list[LoadResult]] = {}
+    runs: dict[tuple[int, Target], list[tuple[LoadResult, float]]] = {}
     for _ in range(args.rounds):
         for c in args.concurrency:
             for target in TARGETS:
+                before = cpu_seconds(pids[target.server])
                 result = run_load(urls[target.server], target.path, BODY, concurrency=c,
                                   warmup=args.warmup, seconds=args.seconds)  # fmt: skip
-                runs.setdefault((c, target), []).append(result)
+                used = cpu_seconds(pids[target.server]) - before
+                cpu_us = used / max(result.answered, 1) * 1e6
+                runs.setdefault((c, target), []).append((result, cpu_us))
     return [summarize(c, target, results) for (c, target), results in runs.items()]
 
 
-def summarize(c: int, target: Target, results: list[LoadResult]) -> Row:
+def summarize(c: int, target: Target, results: list[tuple[LoadResult, float]]) -> Row:
     return Row(
         c,
         target,
-        statistics.median(r.rps for r in results),
-        statistics.median(r.ms(0.50) for r in results),
-        statistics.median(r.ms(0.99) for r in results),
-        sum(r.errors for r in results),
+        statistics.median(r.rps for r, _ in results),
+        statistics.median(r.ms(0.50) for r, _ in results),
+        statistics.median(r.ms(0.99) for r, _ in results),
+        sum(r.errors for r, _ in results),
+        statistics.median(cpu for _, cpu in results),
     )
 
 
@@ -220,7 +259,8 @@ def summarize(c: int, target: Target, results: list[LoadResult]) -> Row:
 def print_intro(args: argparse.Namespace) -> None:
     print(
         f"dev runner vs bare Starlette/uvicorn: {args.seconds:g} s per row after {args.warmup:g} s "
-        f"warm-up, median of {args.rounds} round(s); target runner/bare >= {TARGET:.2f}x"
+        f"warm-up, median of {args.rounds} round(s); target runner/bare >= {TARGET:.2f}x; "
+        f"runner started with WORKER_MAX_CONCURRENCY={args.limit}"
     )
     print(
         f"note: this machine has {os.cpu_count()} cores shared by the load generator and the "
@@ -230,18 +270,27 @@ def print_intro(args: argparse.Namespace) -> None:
 
 
 def print_table(rows: list[Row]) -> None:
-    header = f"{'conc':>4}  {'target':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}"
-    print(header + "  verdict")
-    print("-" * (len(header) + 14))
-    bare = {r.concurrency: r.rps for r in rows if r.target is TARGETS[0]}
+    header = (
+        f"{'conc':>4}  {'target':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}"
+        f"{'CPU us/req':>12}{'bare/ours':>11}"
+    )
+    print(header + "  verdict (req/s)")
+    print("-" * (len(header) + 18))
+    bare = {r.concurrency: r for r in rows if r.target is TARGETS[0]}
     for r in rows:
-        ratio = r.rps / bare[r.concurrency]
+        floor = bare[r.concurrency]
+        ratio = r.rps / floor.rps
         verdict = "floor" if r.target is TARGETS[0] else verdict_for(ratio)
         errors = f"  ({r.errors} non-200 answers)" if r.errors else ""
         print(
             f"{r.concurrency:>4}  {r.target.name:<22}{r.rps:>9.0f}{r.p50:>9.2f}{r.p99:>9.2f}"
-            f"{ratio:>8.2f}x  {verdict}{errors}"
+            f"{ratio:>8.2f}x{r.cpu_us:>12.0f}{floor.cpu_us / r.cpu_us:>10.2f}x  {verdict}{errors}"
         )
+    print(
+        "\nCPU us/req: the server process's CPU time per answered request; bare/ours is the "
+        "throughput ratio the two would reach on a CPU of their own (the load generator shares "
+        "these cores, and req/s swings with whatever else runs on them)."
+    )
 
 
 def verdict_for(ratio: float) -> str:
@@ -254,6 +303,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured time per row")
     parser.add_argument("--rounds", type=int, default=1, help="repeat; report the median")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--limit", type=int, default=16, help="the runner's WORKER_MAX_CONCURRENCY")
     return parser.parse_args()
 
 
@@ -267,8 +317,8 @@ def main() -> None:
         urls: dict[str, str] = {}
         try:
             for key, argv in server_commands(root).items():
-                procs[key], urls[key] = start(argv)
-            rows = measure(urls, args)
+                procs[key], urls[key] = start(argv, args.limit)
+            rows = measure(urls, {key: proc.pid for key, proc in procs.items()}, args)
         finally:
             for proc in procs.values():
                 stop(proc)
