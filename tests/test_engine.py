@@ -322,6 +322,14 @@ def test_deadline_from_request_timeout() -> None:
     assert (failure.error_type, failure.retryable) == ("timeout", False)
     assert "deadline of 0.15 s" in failure.safe_message
     assert 0.14 < time.monotonic() - start < 2
+    # A run that ends by its deadline still reports its metrics.job, before the terminal
+    # outcome, with the phases it went through.
+    types = event_types(outcomes)
+    assert types[-2:] == ["metrics.job", "request.canceled"]
+    job = next(o for o in outcomes if isinstance(o, Event) and o.event_type == "metrics.job")
+    assert job.payload["error_type"] == "timeout"
+    assert job.payload["function_name"] == "wait-forever"
+    assert "queue_ms" in job.payload and "inference_ms" not in job.payload
 
 
 def test_concurrency_limit_queues_in_order() -> None:

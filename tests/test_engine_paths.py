@@ -179,7 +179,7 @@ def test_a_run_canceled_before_it_began_stops_cleanly(own_task: bool) -> None:
         if not own_task:
             await run.execute()
         await asyncio.wait_for(run.stopped.wait(), 1)
-        assert kinds(run.channel.take_nowait()) == ["request.canceled", "Failure"]
+        assert kinds(run.channel.take_nowait()) == ["metrics.job", "request.canceled", "Failure"]
         assert engine.slots.in_use == 0 and engine.get("g") is None
         await engine.shutdown(1)
 

@@ -188,7 +188,14 @@ class RequestRun:
         if self.is_finished:
             return False
         reason = "timeout" if timeout else "canceled"
-        self.channel.emit("request.canceled", {"function_name": self.spec.name, "reason": reason})
+        # Its metrics.job too (one per run, however it ended): what the run got to, and how
+        # long each phase it went through took.
+        self.channel.emit_many(
+            (
+                ("metrics.job", {**self._job_metrics(), "error_type": reason}),
+                ("request.canceled", {"function_name": self.spec.name, "reason": reason}),
+            )
+        )
         timing = self._timing_ms()
         rid = self.request_id
         ended = self.channel.finish(
