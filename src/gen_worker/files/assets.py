@@ -23,6 +23,7 @@ from gen_worker.errors import GenWorkerError, HubNotFoundError, RetryableError, 
 from gen_worker.files.hashing import Digest, HashingWriter, hash_file
 from gen_worker.files.refs import check_relative_ref, check_request_id
 from gen_worker.files.urls import check_public_host, display_url, parse_input_url, safe_name
+from gen_worker.http_client import LazyHttpClient
 
 if TYPE_CHECKING:
     # httpx is imported where it is used: importing it costs ~0.5 s at startup (it pulls in
@@ -103,20 +104,14 @@ class AssetFetcher:
         self._max_bytes = max_bytes
         self._allow_private_hosts = allow_private_hosts
         self._local_root = Path(local_refs_root).resolve() if local_refs_root else None
-        self._owns_client = client is None
-        self._timeout_s = timeout_s
         #: The file API that input refs are read from when a request names none (the hub's).
         self._files = (files_url, files_token) if files_url else None
         # Redirects are followed by hand (see _download) so each hop is checked.
-        self._client_given = client
+        self._http = LazyHttpClient(client, timeout_s=timeout_s)
 
     @property
     def _client(self) -> httpx.AsyncClient:
-        if self._client_given is None:
-            import httpx  # noqa: PLC0415  # deferred: see the module's imports
-
-            self._client_given = httpx.AsyncClient(timeout=self._timeout_s)
-        return self._client_given
+        return self._http.client
 
     async def fetch(
         self,
@@ -170,8 +165,7 @@ class AssetFetcher:
 
     async def aclose(self) -> None:
         """Close the HTTP client if this fetcher created it."""
-        if self._owns_client and self._client_given is not None:
-            await self._client_given.aclose()
+        await self._http.aclose()
 
     # -- downloads ----------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -33,6 +32,7 @@ import msgspec
 from gen_worker.errors import GenWorkerError, HubError, ValidationError, hub_error
 from gen_worker.files.hashing import Digest, HashingWriter
 from gen_worker.files.refs import check_relative_ref
+from gen_worker.http_client import LazyHttpClient, retry_delay_s
 
 if TYPE_CHECKING:
     import httpx
@@ -118,24 +118,17 @@ class FileApi:
         self._part_bytes = part_bytes
         self._max_attempts = max(1, max_attempts)
         self._backoff_s = backoff_s
-        self._timeout_s = timeout_s
-        self._owns_client = client is None
-        self._client_given = client
+        self._http = LazyHttpClient(client, timeout_s=timeout_s)  # most workers never upload
 
     @property
     def _client(self) -> httpx.AsyncClient:
-        if self._client_given is None:
-            import httpx  # noqa: PLC0415  # deferred: most workers never upload
-
-            self._client_given = httpx.AsyncClient(timeout=self._timeout_s)
-        return self._client_given
+        return self._http.client
 
     def _headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self._token}"} if self._token else {}
 
     async def aclose(self) -> None:
-        if self._owns_client and self._client_given is not None:
-            await self._client_given.aclose()
+        await self._http.aclose()
 
     # -- uploads --------------------------------------------------------------------------
 
@@ -268,8 +261,7 @@ class FileApi:
     # -- plumbing -------------------------------------------------------------------------
 
     async def _sleep(self, attempt: int) -> None:
-        delay = self._backoff_s * (2**attempt)
-        await asyncio.sleep(delay + random.uniform(0, delay))
+        await asyncio.sleep(retry_delay_s(self._backoff_s, attempt))
 
     async def _call(
         self,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -24,6 +23,7 @@ from urllib.parse import quote
 import msgspec
 
 from gen_worker.errors import HubConflictError, HubError, ValidationError, hub_error
+from gen_worker.http_client import LazyHttpClient, retry_delay_s
 from gen_worker.models.manifest import (
     DIGEST_PREFIX,
     ManifestEntry,
@@ -143,9 +143,7 @@ class HubClient:
         self._token = token
         self._max_attempts = max(1, max_attempts)
         self._backoff_s = backoff_s
-        self._timeout_s = timeout_s
-        self._owns_client = client is None
-        self._client_given = client
+        self._http = LazyHttpClient(client, timeout_s=timeout_s)
 
     @property
     def files_url(self) -> str:
@@ -154,15 +152,10 @@ class HubClient:
 
     @property
     def _client(self) -> httpx.AsyncClient:
-        if self._client_given is None:
-            import httpx  # noqa: PLC0415  # deferred: importing httpx costs startup time
-
-            self._client_given = httpx.AsyncClient(timeout=self._timeout_s)
-        return self._client_given
+        return self._http.client
 
     async def aclose(self) -> None:
-        if self._owns_client and self._client_given is not None:
-            await self._client_given.aclose()
+        await self._http.aclose()
 
     async def resolve(
         self,
@@ -216,8 +209,7 @@ class HubClient:
                 error = hub_error(response.status_code, what, _detail(response))
                 if not error.retryable or attempt + 1 == self._max_attempts:
                     raise error
-            delay = self._backoff_s * (2**attempt)
-            await asyncio.sleep(delay + random.uniform(0, delay))
+            await asyncio.sleep(retry_delay_s(self._backoff_s, attempt))
         raise AssertionError("unreachable: the loop returns or raises")
 
 
