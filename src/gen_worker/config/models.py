@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from gen_worker.config.parse import boolean, positive_int, read, string
+from gen_worker.config.parse import boolean, directory, positive_int, read, string
 from gen_worker.errors import ConfigError
 
 __all__ = ["ModelSettings", "load_model_settings"]
@@ -70,17 +70,13 @@ def _http_url(variable: str, text: str) -> str:
     return url
 
 
-def _cache_dir(variable: str, text: str) -> str:
-    return str(Path(string(variable, text)).expanduser())
-
-
 def load_model_settings(environ: Mapping[str, str] | None = None) -> ModelSettings:
     """Read the model variables; a malformed one is a ConfigError naming it."""
     env = os.environ if environ is None else environ
     values = {
         "tensorhub_url": read(env, "TENSORHUB_URL", _http_url),
         "tensorhub_token": read(env, "TENSORHUB_TOKEN", string),
-        "cache_dir": read(env, "TENSORHUB_CACHE_DIR", _cache_dir),
+        "cache_dir": read(env, "TENSORHUB_CACHE_DIR", directory),
         "max_concurrent_downloads": read(env, "WORKER_MAX_CONCURRENT_DOWNLOADS", positive_int),
         "allow_hub_resolve": read(env, "WORKER_ALLOW_TENSORHUB_API_RESOLVE", boolean),
         "hf_token": read(env, "HF_TOKEN", string),

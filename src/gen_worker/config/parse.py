@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TypeVar
 
 from gen_worker.errors import ConfigError
@@ -18,6 +19,7 @@ __all__ = [
     "address",
     "addresses",
     "boolean",
+    "directory",
     "gigabytes",
     "non_negative_float",
     "non_negative_int",
@@ -50,6 +52,11 @@ def string(variable: str, text: str) -> str:
     """The value without surrounding whitespace (secrets mounted from files end in a newline)."""
     del variable  # every parser takes the variable; a string has no malformed spelling
     return text.strip()
+
+
+def directory(variable: str, text: str) -> str:
+    """A directory path, ``~`` expanded (it need not exist yet: its user creates it)."""
+    return str(Path(string(variable, text)).expanduser())
 
 
 def _integer(variable: str, text: str, minimum: int) -> int:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import msgspec
 
-from gen_worker.config.parse import boolean, gigabytes, read, string
+from gen_worker.config.parse import boolean, directory, gigabytes, read
 from gen_worker.errors import ConfigError
 
 __all__ = [
@@ -70,10 +69,6 @@ def _memory_mode(variable: str, text: str) -> str:
     return mode
 
 
-def _directory(variable: str, text: str) -> str:
-    return str(Path(string(variable, text)).expanduser())
-
-
 def load_low_vram_settings(environ: Mapping[str, str] | None = None) -> LowVramSettings:
     """Read the ladder's variables; a malformed one is a ConfigError naming it."""
     env = os.environ if environ is None else environ
@@ -85,7 +80,7 @@ def load_low_vram_settings(environ: Mapping[str, str] | None = None) -> LowVramS
         "group_offload_vram_gb": read(env, "COZY_INFERENCE_GROUP_OFFLOAD_VRAM_GB", gigabytes),
         "auto_disk_offload": read(env, "COZY_INFERENCE_AUTO_DISK_OFFLOAD", boolean),
         "disk_offload_ram_gb": read(env, "COZY_INFERENCE_DISK_OFFLOAD_RAM_GB", gigabytes),
-        "offload_dir": read(env, "COZY_OFFLOAD_DIR", _directory),
+        "offload_dir": read(env, "COZY_OFFLOAD_DIR", directory),
     }
     given = {k: v for k, v in values.items() if v is not None}
     return msgspec.structs.replace(LowVramSettings(), **given)
