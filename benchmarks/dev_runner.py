@@ -1,17 +1,19 @@
 """Throughput and latency of a no-op function through the dev runner, against the floor.
 
 The floor is a bare Starlette app on uvicorn (same settings: log level warning, no access log,
-lifespan on, one process) whose one route reads the body, decodes it with msgspec and answers
+lifespan on, one process) whose route reads the body, decodes it with msgspec and answers
 the same JSON as the runner (its nine lifecycle events and timings included, so both write the
 same bytes). The runner serves a sync (``noop``) and an async (``anoop``) no-op; the
-ratio runner/bare of requests per second is what gen-worker costs per request. Rows alternate
-(bare, sync, async) so machine noise hits all alike.
+ratio runner/bare of requests per second is what gen-worker costs per request. The async
+no-op is compared with the bare route that calls the function on the loop; the sync no-op with
+a second bare route that runs the same function the way this stack runs sync code, in a worker
+thread (``starlette.concurrency.run_in_threadpool``), since a sync function must never block
+the loop: the thread hand-off is then in both. Rows alternate so machine noise hits all alike.
 
 The bare app runs every request at once; the runner runs at most ``WORKER_MAX_CONCURRENCY``
 (default 1, the endpoint's own limit), so it is started with ``--limit`` (default 16, the
 highest concurrency measured) to compare the cost per request rather than the queueing a limit
-of 1 imposes at c=16 by design (``--limit 1`` shows that). A sync function also pays a hand-off
-to a worker thread and back, which the async floor does not do at all.
+of 1 imposes at c=16 by design (``--limit 1`` shows that).
 Run: `uv run python benchmarks/dev_runner.py [--limit 16]`.
 """
 
@@ -72,6 +74,7 @@ import uuid
 import msgspec
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -115,14 +118,31 @@ TIMING = {"queue_ms": 0.0024649998522363603, "inference_ms": 0.02644000051077455
           "total_ms": 0.16324600073858164}
 
 
+def call(payload):
+    return Out(x=payload.x)
+
+
 async def noop(request):
     payload = decoder.decode(await request.body())
-    answer = Answer(uuid.uuid4().hex, True, Out(x=payload.x), events=EVENTS, timing_ms=TIMING)
+    answer = Answer(uuid.uuid4().hex, True, call(payload), events=EVENTS, timing_ms=TIMING)
+    return Response(msgspec.json.encode(answer), media_type="application/json")
+
+
+async def noop_thread(request):
+    # The stack's own way to run a sync function: a worker thread (anyio), and back.
+    payload = decoder.decode(await request.body())
+    output = await run_in_threadpool(call, payload)
+    answer = Answer(uuid.uuid4().hex, True, output, events=EVENTS, timing_ms=TIMING)
     return Response(msgspec.json.encode(answer), media_type="application/json")
 
 
 async def serve():
-    app = Starlette(routes=[Route("/v1/request/noop", noop, methods=["POST"])])
+    app = Starlette(
+        routes=[
+            Route("/v1/request/noop", noop, methods=["POST"]),
+            Route("/v1/request/noop_thread", noop_thread, methods=["POST"]),
+        ]
+    )
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
     # and without it every answer (head and body written apart) waits on delayed ACKs.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -147,12 +167,16 @@ class Target:
     name: str
     server: str  # key into the running servers
     path: str
+    floor: str = ""  # the name of the floor this target is compared with; "" for a floor
 
 
+BARE = "bare starlette"
+BARE_THREAD = "bare starlette, thread"
 TARGETS = (
-    Target("bare starlette", "bare", "/v1/request/noop"),
-    Target("runner noop (sync)", "runner", "/v1/request/noop"),
-    Target("runner anoop (async)", "runner", "/v1/request/anoop"),
+    Target(BARE, "bare", "/v1/request/noop"),
+    Target(BARE_THREAD, "bare", "/v1/request/noop_thread"),
+    Target("runner noop (sync)", "runner", "/v1/request/noop", BARE_THREAD),
+    Target("runner anoop (async)", "runner", "/v1/request/anoop", BARE),
 )
 
 
@@ -271,19 +295,19 @@ def print_intro(args: argparse.Namespace) -> None:
 
 def print_table(rows: list[Row]) -> None:
     header = (
-        f"{'conc':>4}  {'target':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}"
+        f"{'conc':>4}  {'target':<24}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs floor':>9}"
         f"{'CPU us/req':>12}{'bare/ours':>11}"
     )
     print(header + "  verdict (req/s)")
     print("-" * (len(header) + 18))
-    bare = {r.concurrency: r for r in rows if r.target is TARGETS[0]}
+    floors = {(r.concurrency, r.target.name): r for r in rows if not r.target.floor}
     for r in rows:
-        floor = bare[r.concurrency]
+        floor = floors[r.concurrency, r.target.floor or r.target.name]
         ratio = r.rps / floor.rps
-        verdict = "floor" if r.target is TARGETS[0] else verdict_for(ratio)
+        verdict = verdict_for(ratio, floor.target.name) if r.target.floor else "floor"
         errors = f"  ({r.errors} non-200 answers)" if r.errors else ""
         print(
-            f"{r.concurrency:>4}  {r.target.name:<22}{r.rps:>9.0f}{r.p50:>9.2f}{r.p99:>9.2f}"
+            f"{r.concurrency:>4}  {r.target.name:<24}{r.rps:>9.0f}{r.p50:>9.2f}{r.p99:>9.2f}"
             f"{ratio:>8.2f}x{r.cpu_us:>12.0f}{floor.cpu_us / r.cpu_us:>10.2f}x  {verdict}{errors}"
         )
     print(
@@ -293,8 +317,8 @@ def print_table(rows: list[Row]) -> None:
     )
 
 
-def verdict_for(ratio: float) -> str:
-    return "PASS" if ratio >= TARGET else "BELOW TARGET"
+def verdict_for(ratio: float, floor: str) -> str:
+    return f"{'PASS' if ratio >= TARGET else 'BELOW TARGET'} (vs {floor})"
 
 
 def parse_args() -> argparse.Namespace:
