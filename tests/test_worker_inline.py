@@ -21,7 +21,7 @@ from gen_worker.engine import Engine
 from gen_worker.protocol import messages as m
 from gen_worker.protocol.convert import worker_batch_to_pb, worker_messages_from_pb, worker_to_pb
 from gen_worker.runtime import core_types as ct
-from gen_worker.runtime.link import Outbox
+from gen_worker.runtime.link import MAX_FRAME, Outbox
 from gen_worker.runtime.worker import Identity, Worker
 from gen_worker.testing.scheduler import MockScheduler, RequestRecord, WorkerConnection
 
@@ -71,6 +71,26 @@ def test_a_burst_of_requests_is_answered_once_each_in_order(harness: Harness) ->
                 assert record.terminal.ref.seq == max(record.outcomes)
                 types = [e.event_type for e in record.events]
                 assert types[0] == "request.received" and "request.completed" in types
+
+    run(scenario())
+
+
+def test_an_answer_longer_than_a_frame_is_written_whole_at_once(harness: Harness) -> None:
+    """A run that ends without waiting can hand over far more than one frame's worth
+    (``acount`` yields without ever suspending). The reader writes the first frame itself; the
+    writer must be woken for the rest, not left asleep until the next heartbeat (60 s here,
+    far past the test's limit)."""
+
+    async def scenario() -> None:
+        async with harness.serving(MockScheduler(heartbeat_interval_s=60)) as s:
+            count = 3 * MAX_FRAME + 7
+            record = await s.sched.submit("acount", pack(n=count))
+            done = await asyncio.wait_for(record.done.wait(), 5)
+            assert done is True
+            assert isinstance(record.terminal, m.StreamDone)
+            assert record.terminal.delta_count == count
+            assert [unpack(d.data)["n"] for d in record.deltas] == list(range(count))
+            assert clean(record)
 
     run(scenario())
 

@@ -47,6 +47,9 @@ class Outbox:
         self._items: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def put(self, item: Any) -> None:
         self._items.append(item)
         self.wake()
@@ -140,6 +143,10 @@ class Link:
         messages = batch[:-1] if closing else batch
         if messages:
             await self.stream.send_many(messages)
+        if not close and self.outbox:
+            # A run's own write takes one frame; its answer may be longer (a stream that never
+            # waited), and what was queued quietly has no one else to wake the writer for it.
+            self.outbox.wake()
         return closing
 
 
