@@ -28,7 +28,7 @@ import msgspec
 
 from gen_worker.discovery import discover, encode_lock
 from gen_worker.protocol import messages as m
-from gen_worker.testing.scheduler import MockScheduler, RequestRecord
+from gen_worker.testing.scheduler import MockScheduler, RequestRecord, WorkerConnection
 from gen_worker.transport.stream import StreamClosed, WorkerStream, connect
 
 SEED = int(os.environ.get("GEN_WORKER_FAULT_SEED", "20240611"))
@@ -38,6 +38,9 @@ MIN_RESTARTS = 20  # restarts that must cut a registered stream with requests in
 RESTART_GAP_S = (0.05, 0.15)  # up time between two restarts
 OUTAGE_SHARE = 0.25  # the other restarts reopen the port at once
 OUTAGE_S = (0.02, 0.06)  # how long the port stays closed when it does not
+# The other restarts may come while the worker is still reconnecting (a cut mid-handshake);
+# those do not count towards MIN_RESTARTS, so most wait for it to have registered again.
+SETTLE_SHARE = 0.7
 WORKER_ID = "fault-worker"
 TEST_BUDGET_S = 55.0  # the whole scenario, worker start and drain included
 
@@ -183,14 +186,25 @@ def waves(work: list[Planned], size: int) -> Iterator[list[Planned]]:
 async def submit_all(
     scheduler: MockScheduler, work: list[Planned], rng: random.Random
 ) -> list[RequestRecord]:
-    """Submit in waves spread over about two seconds, so many land mid-outage."""
+    """Submit in waves spread over about three seconds, so many land mid-outage.
+
+    The spread also keeps work in flight through enough restarts: a restart that finds the
+    worker still reconnecting does not count, and with quick answers a shorter workload could
+    end before MIN_RESTARTS restarts had cut a live stream (a CI run once got 19 of 35).
+    """
     records = []
     for wave in waves(work, 20):
         for item in wave:
             payload = msgspec.msgpack.encode(item.payload)
             records.append(await scheduler.submit(item.function, payload))
-        await asyncio.sleep(rng.uniform(0.1, 0.3))
+        await asyncio.sleep(rng.uniform(0.2, 0.45))
     return records
+
+
+async def registered(conn: WorkerConnection, timeout_s: float = 2.0) -> None:
+    """Until the worker has registered again (its reconnect back-off can outlast a gap)."""
+    with contextlib.suppress(TimeoutError):  # the restart then simply may not count
+        await asyncio.wait_for(conn.connected.wait(), timeout_s)
 
 
 async def restart_loop(
@@ -205,6 +219,8 @@ async def restart_loop(
     """Restart the scheduler on its port until enough restarts cut live streams mid-work."""
     conn = scheduler.workers[WORKER_ID]
     while not (submitted.is_set() and chaos.hits >= MIN_RESTARTS):
+        if chaos.restarts and rng.random() < SETTLE_SHARE:
+            await registered(conn)  # then the gap: this restart cuts a live stream
         await asyncio.sleep(rng.uniform(*RESTART_GAP_S))
         live = conn.session is not None  # a registered stream is about to be cut
         in_flight = not submitted.is_set() or any(r.terminal is None for r in records)
