@@ -157,6 +157,31 @@ def test_uploading_sink_uploads_every_kind_of_output(hub: HubServer, tmp_path: P
     assert (files / "w.safetensors").read_bytes() == b"weights"
 
 
+def test_an_uploading_stream_left_by_an_exception_uploads_nothing(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    async def go() -> list[str]:
+        api = _api(hub)
+        staging = tmp_path / "staging"
+        sink = UploadingOutputSink(
+            LocalOutputSink(staging, "req-3"), api, asyncio.get_running_loop()
+        )
+        with pytest.raises(RuntimeError, match="boom"), sink.open_stream("half.bin") as stream:
+            stream.write(b"half")
+            raise RuntimeError("boom")
+        assert stream.finished
+        sink.save_bytes("whole.txt", b"w")
+        uploaded = await sink.finish()
+        await api.aclose()
+        assert not [p.name for p in staging.rglob("*") if "half" in p.name]
+        return [u.ref for u in uploaded]
+
+    assert asyncio.run(go()) == ["jobs/req-3/outputs/whole.txt"]
+    files = hub.root / "files" / "jobs" / "req-3" / "outputs"
+    assert (files / "whole.txt").read_bytes() == b"w"
+    assert not (files / "half.bin").exists()
+
+
 def test_a_failed_upload_fails_finish(tmp_path: Path) -> None:
     async def go() -> None:
         # Nothing listens on this port: the upload cannot succeed, and finish() must say so.

@@ -13,22 +13,25 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from pathlib import Path
-from types import TracebackType
 
 from gen_worker.authoring import Asset, Tensors
 from gen_worker.files.file_api import FileApi, UploadedFile
 from gen_worker.files.hashing import Digest
-from gen_worker.files.outputs import LocalOutputSink, LocalOutputStream
+from gen_worker.files.outputs import LocalOutputSink, LocalOutputStream, OutputStreamBase
 
 __all__ = ["UploadingOutputSink", "UploadingOutputStream"]
 
 
-class UploadingOutputStream:
+class UploadingOutputStream(OutputStreamBase):
     """A staged incremental output whose ``finalize()`` also starts its upload."""
 
     def __init__(self, inner: LocalOutputStream, sink: UploadingOutputSink) -> None:
         self._inner = inner
         self._sink = sink
+
+    @property
+    def finished(self) -> bool:
+        return self._inner.finished
 
     def write(self, data: bytes) -> int:
         return self._inner.write(data)
@@ -40,20 +43,6 @@ class UploadingOutputStream:
 
     def abort(self) -> None:
         self._inner.abort()
-
-    def __enter__(self) -> UploadingOutputStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif not self._inner.finished:
-            self.finalize()
 
 
 class UploadingOutputSink:

@@ -7,20 +7,21 @@ save leaves nothing behind. Re-saving a ref replaces the file atomically.
 
 from __future__ import annotations
 
+import abc
 import mimetypes
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from gen_worker.authoring import Asset, Tensors
 from gen_worker.errors import OutputTooLargeError, ValidationError
 from gen_worker.files.hashing import CHUNK_BYTES, Digest, HashingWriter
 from gen_worker.files.refs import check_request_id, output_ref
 
-__all__ = ["LocalOutputSink", "LocalOutputStream"]
+__all__ = ["LocalOutputSink", "LocalOutputStream", "OutputStreamBase"]
 
 _DEFAULT_MIME = "application/octet-stream"
 
@@ -29,7 +30,39 @@ def _mime_type(ref: str) -> str:
     return mimetypes.guess_type(ref, strict=False)[0] or _DEFAULT_MIME
 
 
-class LocalOutputStream:
+class OutputStreamBase(abc.ABC):
+    """What every incremental output does as a context manager: finalize when the block
+    succeeds (unless the function already finalized or aborted it), abort when it raises."""
+
+    @property
+    @abc.abstractmethod
+    def finished(self) -> bool:
+        """True once finalized or aborted."""
+
+    @abc.abstractmethod
+    def finalize(self) -> Asset:
+        """Make the output visible and describe it."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drop the partial output."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self.finished:
+            self.finalize()
+
+
+class LocalOutputStream(OutputStreamBase):
     """An incremental output; ``finalize()`` makes it visible, ``abort()`` drops it.
 
     As a context manager it finalizes when the block succeeds and aborts when it raises.
@@ -73,20 +106,6 @@ class LocalOutputStream:
         if self._state == "open":
             self._state = "aborted"
             self._writer.discard()
-
-    def __enter__(self) -> LocalOutputStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif self._state == "open":
-            self.finalize()
 
 
 class LocalOutputSink:
