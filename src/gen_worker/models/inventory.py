@@ -29,14 +29,16 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import filelock
 import msgspec
 
 from gen_worker.errors import InvalidModelRefError
 from gen_worker.logs import log
 from gen_worker.models.manifest import ManifestEntry, split_digest
+
+if TYPE_CHECKING:
+    import filelock
 
 __all__ = [
     "Guard",
@@ -110,6 +112,8 @@ def file_lock(path: Path) -> filelock.FileLock:
     fetcher acquires through ``asyncio.to_thread``); within the process it is re-entrant, which
     is why :class:`Guard` adds a thread lock for exclusion between threads.
     """
+    import filelock  # noqa: PLC0415  # imported when first needed: it is ~30 ms of every worker's cold start
+
     path.parent.mkdir(parents=True, exist_ok=True)
     return filelock.FileLock(path, thread_local=False, is_singleton=True)
 
@@ -121,7 +125,16 @@ class Guard:
     def __init__(self, path: Path) -> None:
         with _THREAD_LOCKS_GUARD:
             self._thread_lock = _THREAD_LOCKS.setdefault(str(path), threading.RLock())
-        self.file_lock = file_lock(path)
+        self._path = path
+        self._file_lock: filelock.FileLock | None = None
+
+    @property
+    def file_lock(self) -> filelock.FileLock:
+        # Made on first use: a store that is opened and only read (a worker's registration)
+        # never imports filelock.
+        if self._file_lock is None:
+            self._file_lock = file_lock(self._path)
+        return self._file_lock
 
     def __enter__(self) -> None:
         self._thread_lock.acquire()
@@ -144,7 +157,7 @@ class Guard:
             return False
         try:
             self.file_lock.acquire(blocking=False)
-        except filelock.Timeout:
+        except TimeoutError:  # filelock.Timeout is one
             self._thread_lock.release()
             return False
         return True

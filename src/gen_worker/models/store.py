@@ -29,9 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import filelock
+from typing import TYPE_CHECKING, Any
 
 from gen_worker.errors import (
     DigestMismatchError,
@@ -74,6 +72,9 @@ from gen_worker.models.parts import (
     read_parts_file,
     resolve_files,
 )
+
+if TYPE_CHECKING:
+    import filelock
 
 __all__ = [
     "ORPHAN_GRACE_S",
