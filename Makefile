@@ -21,8 +21,19 @@ typecheck:
 imports:
 	uv run lint-imports
 
+# Every benchmark in benchmarks/, each printing its ratio against its floor (minutes in all).
 bench:
 	uv run python benchmarks/discovery.py
+	uv run python benchmarks/dev_runner.py
+	uv run python benchmarks/worker_roundtrip.py
+	uv run python benchmarks/worker_streaming.py
+	uv run python benchmarks/worker_cold_start.py
+	uv run python benchmarks/model_pull.py
+	@if uv run python -c "import torch, diffusers, transformers" 2>/dev/null; then \
+		uv run python benchmarks/model_load.py; \
+	else \
+		echo "benchmarks/model_load.py skipped: it needs the torch extra (see README)"; \
+	fi
 
 # Regenerate the example's golden endpoint.lock after an intended change.
 golden:

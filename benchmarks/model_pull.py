@@ -164,6 +164,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mib", type=int, default=1024, help="snapshot size in MiB")
     args = parser.parse_args()
+    if shutil.which("curl") is None:
+        raise SystemExit("benchmarks/model_pull.py needs curl on PATH: curl -o is its floor")
     with tempfile.TemporaryDirectory(prefix="gw-pull-bench-") as tmp:
         work = Path(tmp)
         total = _make_source(work / "src", args.mib)
