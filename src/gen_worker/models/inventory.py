@@ -112,7 +112,8 @@ def file_lock(path: Path) -> filelock.FileLock:
     fetcher acquires through ``asyncio.to_thread``); within the process it is re-entrant, which
     is why :class:`Guard` adds a thread lock for exclusion between threads.
     """
-    import filelock  # noqa: PLC0415  # imported when first needed: it is ~30 ms of every worker's cold start
+    # Imported when first needed: it is ~30 ms of every worker's cold start otherwise.
+    import filelock  # noqa: PLC0415
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return filelock.FileLock(path, thread_local=False, is_singleton=True)
