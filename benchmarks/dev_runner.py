@@ -13,7 +13,9 @@ the loop: the thread hand-off is then in both. Rows alternate so machine noise h
 The bare app runs every request at once; the runner runs at most ``WORKER_MAX_CONCURRENCY``
 (default 1, the endpoint's own limit), so it is started with ``--limit`` (default 16, the
 highest concurrency measured) to compare the cost per request rather than the queueing a limit
-of 1 imposes at c=16 by design (``--limit 1`` shows that).
+of 1 imposes at c=16 by design (``--limit 1`` shows that). For the async no-op the limit makes
+no difference (it never waits while it holds its slot); a sync no-op holds its slot across the
+thread hand-off, so at limit 1 its calls run one at a time.
 Run: `uv run python benchmarks/dev_runner.py [--limit 16]`.
 """
 
