@@ -29,7 +29,7 @@ import os
 import re
 import ssl
 import threading
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -400,6 +400,23 @@ class _Backend:
         await asyncio.sleep(seconds)
 
 
+async def _within(
+    waiting: Awaitable[None],
+    timeout: float | None,
+    what: str,
+    on_timeout: type[Exception],
+    on_error: type[Exception],
+) -> None:
+    """Await ``waiting`` for at most ``timeout`` s; the two ways it fails as httpcore's own."""
+    try:
+        async with asyncio.timeout(timeout):
+            await waiting
+    except TimeoutError:
+        raise on_timeout(f"{what} for {timeout} s") from None
+    except OSError as exc:
+        raise on_error(str(exc) or type(exc).__name__) from None
+
+
 class _Stream:
     """An httpcore network stream over an asyncio transport and its :class:`_Receiver`.
 
@@ -418,13 +435,8 @@ class _Stream:
         # for (httpcore reads 64 KiB); h11, under it, keeps what it is given, however much.
         import httpcore  # noqa: PLC0415
 
-        try:
-            async with asyncio.timeout(timeout):
-                await self._receiver.ready()
-        except TimeoutError:
-            raise httpcore.ReadTimeout(f"no data for {timeout} s") from None
-        except OSError as exc:
-            raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
+        await _within(self._receiver.ready(), timeout, "no data", httpcore.ReadTimeout,
+                      httpcore.ReadError)  # fmt: skip
         if self._head is not None:
             return self._head_part()
         self.body_untouched = False
@@ -460,13 +472,8 @@ class _Stream:
         self._head = bytearray()  # a request goes out: its response's head is due next
         self.body_untouched = False
         self._transport.write(buffer)
-        try:
-            async with asyncio.timeout(timeout):
-                await self._receiver.drained()
-        except TimeoutError:
-            raise httpcore.WriteTimeout(f"could not send for {timeout} s") from None
-        except OSError as exc:
-            raise httpcore.WriteError(str(exc) or type(exc).__name__) from None
+        await _within(self._receiver.drained(), timeout, "could not send", httpcore.WriteTimeout,
+                      httpcore.WriteError)  # fmt: skip
 
     async def aclose(self) -> None:
         # Nothing is left to send once httpcore closes a connection, and a TLS close_notify
